@@ -1,0 +1,1 @@
+"""Datasets: ShapesWorld (embedded procedural text-to-image domain)."""
