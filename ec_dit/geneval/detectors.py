@@ -135,7 +135,9 @@ class ShapesWorldDetector:
   Steps: unmix every pixel against the grey background
   (:func:`classify_pixels`); foreground = at least ``min_alpha`` of a colour
   and ``min_strength`` away from grey; 8-connected components of the
-  foreground; a component with two or more substantial colours (touching
+  foreground; components whose substantial colours (each at least
+  ``split_frac`` of it) cover less than ``purity`` of it are dropped as
+  noise; a component with two or more substantial colours (touching
   shapes) is split into 4-connected components per colour; components
   smaller than ``min_area_frac`` of the canvas or of no recognisable shape
   are dropped; colour = majority pixel colour; box = ``(x1, y1, x2+1, y2+1)``
@@ -143,8 +145,8 @@ class ShapesWorldDetector:
   """
 
   def __init__(self, min_alpha: float = 0.5, min_strength: float = 30.0,
-               min_area_frac: float = 0.01, split_frac: float = 0.2):
-    self.min_alpha, self.min_strength = min_alpha, min_strength
+               min_area_frac: float = 0.01, split_frac: float = 0.2, purity: float = 0.6):
+    self.min_alpha, self.min_strength, self.purity = min_alpha, min_strength, purity
     self.min_area_frac, self.split_frac = min_area_frac, split_frac
 
   def _objects(self, label, fg, min_area):
@@ -156,8 +158,11 @@ class ShapesWorldDetector:
         continue
       hist = np.bincount(label[comp], minlength=len(_NAMES))
       major = np.nonzero(hist >= max(min_area, self.split_frac * area))[0]
-      if len(major) <= 1:
-        yield comp, int(hist.argmax())
+      # A shape (or touching shapes) is nearly uniform in colour; noise is not.
+      if hist[major].sum() < self.purity * area:
+        continue
+      if len(major) == 1:
+        yield comp, int(major[0])
         continue
       for c in major:
         sub, m = connected_components(comp & (label == c), 4)
