@@ -148,6 +148,7 @@ def place(specs: Sequence[tuple[str, str]], size: int, rng: np.random.Generator,
       (GenEval wording) of spec ``b``; it is enforced with twice GenEval's
       margin so the rule still holds after rasterisation.
     min_gap: minimum gap between bounding squares (default ``size / 32``).
+      Positions and sides are rounded to whole pixels.
     max_tries: rejection-sampling budget before objects are shrunk.
   """
   n = len(specs)
@@ -158,9 +159,11 @@ def place(specs: Sequence[tuple[str, str]], size: int, rng: np.random.Generator,
     for _ in range(max_tries // 20):
       objs = []
       for (shape, color), s in zip(specs, sides):
-        x = rng.uniform(edge, size - edge - s)
-        y = rng.uniform(edge, size - edge - s)
-        objs.append(Obj(shape, color, float(x), float(y), s))
+        # Whole-pixel boxes keep square corners crisp at every size.
+        s = float(max(round(s), 4))
+        x = float(round(rng.uniform(edge, size - edge - s)))
+        y = float(round(rng.uniform(edge, size - edge - s)))
+        objs.append(Obj(shape, color, x, y, s))
       if any(_gap(objs[i], objs[j]) < gap for i in range(n) for j in range(i)):
         continue
       if relation is not None:
