@@ -1,0 +1,182 @@
+"""The config schema: every key, its default, and validation with clear errors.
+
+Config files in `configs/` start from `base_config()` and change fields; they may
+not add keys. `validate(config)` runs before anything is built or compiled and
+raises a ValueError naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+FFN_KINDS = ("dense", "expert_choice", "token_choice")
+DISPATCHES = ("einsum", "gather")
+ACTIVATIONS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  """Defaults of `config.model`: a DiT-XL/2-sized EC-DiT on a 32x32x4 latent."""
+  return ml_collections.ConfigDict(dict(
+      input_size=32,          # latent (or pixel) height = width
+      in_channels=4,          # latent channels (3 for pixel space)
+      patch_size=2,
+      hidden_size=1152,
+      depth=28,
+      num_heads=18,
+      mlp_ratio=4.0,          # dense FFN and each expert: width mlp_ratio * hidden
+      context_dim=4096,       # width of the text features fed to cross-attention
+      context_len=120,        # text tokens per prompt (PixArt-alpha's T5 length)
+      dtype="float32",        # compute dtype; parameters stay float32
+      remat_policy="none",    # activation checkpointing per block (see ec_dit.dit.REMAT_POLICIES)
+      ffn=dict(
+          kind="expert_choice",
+          activation="gelu",
+          num_experts=32,
+          moe_every=2,          # MoE in layers 2, 4, ... (1-based)
+          dense_first_n=0,      # Nucleus-Image keeps the first layers dense
+          decoupled_routing=False,
+          dispatch="einsum",
+          routing_group_size=0,  # tokens per routing group; 0 = one group per image
+          router_z_loss_coef=0.0,
+          # expert choice
+          train_capacity_factor=2.0,
+          eval_capacity_factor=2.0,
+          # token choice (DiT-MoE)
+          top_k=2,
+          num_shared_experts=2,
+          token_capacity_factor=0.0,  # 0 = dropless
+          renormalize_gates=False,
+          balance_loss_coef=0.01,
+          # dense kind: width of the FFN at the MoE positions, as a multiple of hidden
+          dense_mlp_ratio=4.0,
+      ),
+  ))
+
+
+def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) -> ml_collections.ConfigDict:
+  """EC-DiT's paper setting at a given size: 256x256 images as a 32x32x4 latent, patch 2
+  (256 tokens), expert choice with capacity factor 2, MoE every other layer, experts
+  2-layer GELU FFNs of width 4d."""
+  m = model_defaults()
+  m.hidden_size, m.depth, m.num_heads = hidden_size, depth, num_heads
+  m.ffn.num_experts = num_experts
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults. Later sections (training, input, mesh) extend it."""
+  config = ml_collections.ConfigDict()
+  config.model = model_defaults()
+  return config
+
+
+def _fail(field: str, allowed: str, got: Any):
+  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
+
+
+def _check_keys(config, schema, prefix=""):
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      raise ValueError(f"config.{name}: unknown key; allowed keys here are {sorted(schema.keys())}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
+        _fail(name, "a section (dict)", config[key])
+      _check_keys(config[key], schema[key], name + ".")
+
+
+def validate_model(m, prefix: str = "model") -> None:
+  """Checks `config.model`; raises ValueError naming the first bad field."""
+  f = m.ffn
+  for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "context_dim",
+               "context_len"):
+    if not isinstance(m[name], int) or m[name] < 1:
+      _fail(f"{prefix}.{name}", "a positive integer", m[name])
+  if m.input_size % m.patch_size:
+    _fail(f"{prefix}.input_size", f"divisible by patch_size={m.patch_size}", m.input_size)
+  if m.hidden_size % m.num_heads:
+    _fail(f"{prefix}.hidden_size", f"divisible by num_heads={m.num_heads}", m.hidden_size)
+  if m.hidden_size % 4:
+    _fail(f"{prefix}.hidden_size", "divisible by 4 (2D sin-cos positions)", m.hidden_size)
+  if m.mlp_ratio <= 0:
+    _fail(f"{prefix}.mlp_ratio", "> 0", m.mlp_ratio)
+  if m.dtype not in DTYPES:
+    _fail(f"{prefix}.dtype", f"one of {DTYPES}", m.dtype)
+  from ec_dit.dit import REMAT_POLICIES  # local import: dit imports this module
+  if m.remat_policy not in REMAT_POLICIES:
+    _fail(f"{prefix}.remat_policy", f"one of {tuple(REMAT_POLICIES)}", m.remat_policy)
+  p = f"{prefix}.ffn"
+  if f.kind not in FFN_KINDS:
+    _fail(f"{p}.kind", f"one of {FFN_KINDS}", f.kind)
+  if f.activation not in ACTIVATIONS:
+    _fail(f"{p}.activation", f"one of {ACTIVATIONS}", f.activation)
+  if f.dispatch not in DISPATCHES:
+    _fail(f"{p}.dispatch", f"one of {DISPATCHES}", f.dispatch)
+  if not isinstance(f.num_experts, int) or f.num_experts < 1:
+    _fail(f"{p}.num_experts", "a positive integer", f.num_experts)
+  if not isinstance(f.moe_every, int) or f.moe_every < 1:
+    _fail(f"{p}.moe_every", "a positive integer", f.moe_every)
+  if not isinstance(f.dense_first_n, int) or not 0 <= f.dense_first_n <= m.depth:
+    _fail(f"{p}.dense_first_n", f"an integer in [0, depth={m.depth}]", f.dense_first_n)
+  for name in ("train_capacity_factor", "eval_capacity_factor"):
+    if f[name] <= 0:
+      _fail(f"{p}.{name}", "> 0", f[name])
+  if f.token_capacity_factor < 0:
+    _fail(f"{p}.token_capacity_factor", ">= 0 (0 = dropless)", f.token_capacity_factor)
+  if f.kind == "token_choice" and not 1 <= f.top_k <= f.num_experts:
+    _fail(f"{p}.top_k", f"in [1, num_experts={f.num_experts}]", f.top_k)
+  if f.num_shared_experts < 0:
+    _fail(f"{p}.num_shared_experts", ">= 0", f.num_shared_experts)
+  if f.dense_mlp_ratio <= 0:
+    _fail(f"{p}.dense_mlp_ratio", "> 0", f.dense_mlp_ratio)
+  for name in ("router_z_loss_coef", "balance_loss_coef"):
+    if f[name] < 0:
+      _fail(f"{p}.{name}", ">= 0", f[name])
+  tokens = (m.input_size // m.patch_size) ** 2
+  g = f.routing_group_size
+  if not isinstance(g, int) or g < 0 or (g and tokens % g and g % tokens):
+    _fail(f"{p}.routing_group_size", f"0 (per image) or a divisor or multiple of tokens per image ({tokens})", g)
+
+
+def validate(config) -> None:
+  """Validates a whole config against the schema; raises ValueError naming the field."""
+  _check_keys(config, base_config())
+  _check_missing(config, base_config())
+  validate_model(config.model)
+
+
+def _check_missing(config, schema, prefix=""):
+  for key in schema.keys():
+    name = f"{prefix}{key}"
+    if key not in config:
+      raise ValueError(f"config.{name}: missing; start configs from ec_dit.config_lib.base_config()")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_missing(config[key], schema[key], name + ".")
+
+
+VARIANTS = {
+    "ec": "expert choice (EC-DiT), the default",
+    "tc": "token choice top-2, no shared experts: activated compute matched to ec",
+    "dit_moe": "DiT-MoE's recipe: token choice top-2 plus 2 shared experts, balance loss 0.01",
+    "dense": "dense FFN of width capacity_factor x mlp_ratio x hidden at the MoE positions: matched to ec",
+}
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:
+  """Applies a named FFN variant (the `file.py:VARIANT` part of --config) in place."""
+  f = config.model.ffn
+  if variant in (None, "", "ec"):
+    f.kind = "expert_choice"
+  elif variant == "tc":
+    f.kind, f.top_k, f.num_shared_experts = "token_choice", 2, 0
+  elif variant == "dit_moe":
+    f.kind, f.top_k, f.num_shared_experts, f.balance_loss_coef = "token_choice", 2, 2, 0.01
+  elif variant == "dense":
+    f.kind = "dense"
+    f.dense_mlp_ratio = f.train_capacity_factor * config.model.mlp_ratio
+  else:
+    raise ValueError(f"config variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+  return config

@@ -1,0 +1,153 @@
+"""The text-conditioned diffusion transformer (PixArt-alpha blocks, EC-DiT FFNs).
+
+Block (EC-DiT, after PixArt-alpha):
+    x = x + gate1 * SelfAttn(modulate(LN(x), shift1, scale1))       # adaLN-Zero
+    x = x + CrossAttn(x, text, text_mask)                            # PixArt: no norm, no gate
+    r = x                      (or LN(x) with decoupled_routing)     # router input
+    x = x + gate2 * FFN(modulate(LN(x), shift2, scale2), router_input=r)
+
+The FFN at each layer is dense, or an MoE of the configured kind at the MoE
+positions (`moe_every`, `dense_first_n`). The model returns the predicted
+velocity and an `aux` dict: the weighted auxiliary loss and every MoE layer's
+diagnostics (see `ec_dit.moe.layers`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from ec_dit import attention, embeddings, nn
+from ec_dit.moe import layers as moe_layers
+
+# Activation checkpointing per block: name -> jax.checkpoint policy (None = no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ContextCache(NamedTuple):
+  """Text K/V of every cross-attention, computed once per sampling run."""
+  kv: tuple[attention.TextKV, ...]
+  mask: jax.Array
+
+
+def is_moe_layer(index: int, ffn_config) -> bool:
+  """Layer `index` (0-based) holds an MoE: past the dense prefix, every `moe_every`-th layer."""
+  return index >= ffn_config.dense_first_n and (index + 1) % ffn_config.moe_every == 0
+
+
+def make_ffn(index: int, model_config, *, rngs: nnx.Rngs, dtype):
+  """The FFN of layer `index`, by the config's kind and placement."""
+  m, f = model_config, model_config.ffn
+  d = m.hidden_size
+  hidden = int(m.mlp_ratio * d)
+  if not is_moe_layer(index, f):
+    return moe_layers.DenseMLP(d, hidden, activation=f.activation, rngs=rngs, dtype=dtype)
+  if f.kind == "dense":
+    return moe_layers.DenseMLP(d, int(f.dense_mlp_ratio * d), activation=f.activation, rngs=rngs, dtype=dtype)
+  common = dict(num_experts=f.num_experts, hidden=hidden, dispatch=f.dispatch, group_size=f.routing_group_size,
+                activation=f.activation, rngs=rngs, dtype=dtype)
+  if f.kind == "expert_choice":
+    return moe_layers.ExpertChoiceMoE(d, train_capacity_factor=f.train_capacity_factor,
+                                      eval_capacity_factor=f.eval_capacity_factor, **common)
+  if f.kind == "token_choice":
+    return moe_layers.TokenChoiceMoE(d, k=f.top_k, num_shared_experts=f.num_shared_experts,
+                                     capacity_factor=f.token_capacity_factor,
+                                     renormalize_gates=f.renormalize_gates, **common)
+  raise ValueError(f"config.model.ffn.kind: unknown {f.kind!r}")
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero self-attention, cross-attention to the text, adaLN-modulated gated FFN."""
+
+  def __init__(self, index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    d = model_config.hidden_size
+    self.decoupled_routing = bool(model_config.ffn.decoupled_routing)
+    self.adaln = nn.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
+    self.attn = attention.SelfAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
+    self.cross_attn = attention.CrossAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
+    self.ffn = make_ffn(index, model_config, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, c: jax.Array, kv: attention.TextKV, mask: jax.Array):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
+    x = x + gate1[:, None] * self.attn(nn.modulate(nn.layer_norm(x), shift1, scale1))
+    x = x + self.cross_attn(x, kv, mask)
+    h = nn.layer_norm(x)
+    # EC-DiT routes on the token state after cross-attention; decoupled routing
+    # (Nucleus-Image) routes on its normalised form, before timestep modulation.
+    router_input = h if self.decoupled_routing else x
+    y, diagnostics = self.ffn(nn.modulate(h, shift2, scale2), router_input)
+    return x + gate2[:, None] * y, diagnostics
+
+
+class FinalLayer(nnx.Module):
+  """adaLN + zero-initialised linear to p*p*C values per token."""
+
+  def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.adaln = nn.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
+    self.proj = nn.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
+                          kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, axis=-1)
+    return self.proj(nn.modulate(nn.layer_norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """EC-DiT: a text-to-image diffusion transformer whose FFNs may be Mixtures of Experts.
+
+  Call: `velocity, aux = model(x_t, t, context, context_mask)` with x_t
+  [B, H, W, C], t [B] in [0, 1], context [B, L, context_dim] text features and
+  context_mask [B, L] bool. Pass `context_cache=model.encode_context(...)`
+  instead of context to reuse the text K/V across denoising steps.
+  """
+
+  def __init__(self, model_config, *, rngs: nnx.Rngs):
+    m = ml_collections.FrozenConfigDict(model_config)
+    self.config = ml_collections.FrozenConfigDict(m)
+    dtype = nn.compute_dtype(m.dtype)
+    d = m.hidden_size
+    self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
+    self.t_embed = embeddings.TimestepEmbedder(d, rngs=rngs, dtype=dtype)
+    self.context_embed = embeddings.ContextEmbedder(m.context_dim, d, rngs=rngs, dtype=dtype)
+    self.blocks = nnx.List([DiTBlock(i, m, rngs=rngs, dtype=dtype) for i in range(m.depth)])
+    self.final = FinalLayer(d, m.patch_size, m.in_channels, rngs=rngs, dtype=dtype)
+    self.dtype = dtype
+
+  def encode_context(self, context: jax.Array, context_mask: jax.Array) -> ContextCache:
+    """Projects the text and computes every block's cross-attention K/V once."""
+    ctx = self.context_embed(context)
+    return ContextCache(tuple(block.cross_attn.text_kv(ctx) for block in self.blocks), context_mask.astype(bool))
+
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None, *, context_cache: ContextCache | None = None):
+    if context_cache is None:
+      if context is None or context_mask is None:
+        raise ValueError("DiT needs context and context_mask, or a context_cache")
+      context_cache = self.encode_context(context, context_mask)
+    m = self.config
+    b, height, width, channels = x.shape
+    grid = height // m.patch_size
+    h = self.patch_embed(x) + embeddings.sincos_2d(m.hidden_size, grid, width // m.patch_size).astype(self.dtype)
+    c = self.t_embed(t)
+    policy = REMAT_POLICIES[m.remat_policy]
+    moe, aux_loss = {}, jnp.zeros((), jnp.float32)
+    for i, (block, kv) in enumerate(zip(self.blocks, context_cache.kv)):
+      if policy is not None:
+        h, diagnostics = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, h, c, kv, context_cache.mask)
+      else:
+        h, diagnostics = block(h, c, kv, context_cache.mask)
+      if diagnostics:
+        moe[f"layer_{i:02d}"] = diagnostics
+        aux_loss = aux_loss + m.ffn.router_z_loss_coef * diagnostics["router_z_loss"]
+        if "balance_loss" in diagnostics:
+          aux_loss = aux_loss + m.ffn.balance_loss_coef * diagnostics["balance_loss"]
+    out = embeddings.unpatchify(self.final(h, c), m.patch_size, height, width, channels)
+    return out.astype(jnp.float32), {"aux_loss": aux_loss, "moe": moe}

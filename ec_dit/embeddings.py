@@ -1,0 +1,96 @@
+"""Inputs and outputs of the DiT: patches, positions, timesteps, text projection."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ec_dit import nn
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
+  b, h, w, c = x.shape
+  p = patch_size
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, patch_size: int, height: int, width: int, channels: int) -> jax.Array:
+  """Inverse of `patchify`: [B, N, p*p*C] -> [B, H, W, C]."""
+  b = x.shape[0]
+  p = patch_size
+  x = x.reshape(b, height // p, width // p, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, height, width, channels)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding [grid_h*grid_w, embed_dim] (MAE/DiT recipe).
+
+  Half the channels encode the row, half the column; each half is 1D sin-cos.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"hidden_size must be divisible by 4 for 2D sin-cos positions, got {embed_dim}")
+
+  def one_d(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+  emb = np.concatenate([one_d(embed_dim // 2, rows), one_d(embed_dim // 2, cols)], axis=1)
+  return emb.astype(np.float32)
+
+
+def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> jax.Array:
+  """Sinusoidal features of continuous t in [0, 1] -> [B, dim] float32.
+
+  t is multiplied by `scale` (1000) first: with t in [0, 1] the raw features
+  would barely change across the whole range, since the fastest frequency is 1.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * scale)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class PatchEmbed(nnx.Module):
+  """Linear projection of p x p patches (equivalent to DiT's strided conv)."""
+
+  def __init__(self, patch_size: int, in_channels: int, d: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.patch_size = patch_size
+    self.proj = nn.Linear(patch_size * patch_size * in_channels, d, ("patch", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(patchify(x, self.patch_size))
+
+
+class TimestepEmbedder(nnx.Module):
+  """t in [0, 1] -> sinusoidal features -> SiLU MLP -> [B, D]."""
+
+  def __init__(self, d: int, *, frequency_dim: int = 256, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.frequency_dim = frequency_dim
+    normal = nnx.initializers.normal(0.02)
+    self.fc1 = nn.Linear(frequency_dim, d, ("unmodeled", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
+    self.fc2 = nn.Linear(d, d, ("mlp", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.silu(self.fc1(timestep_features(t, self.frequency_dim))))
+
+
+class ContextEmbedder(nnx.Module):
+  """PixArt-alpha's caption projection: text features [B, L, Dc] -> [B, L, D] through a GELU MLP."""
+
+  def __init__(self, context_dim: int, d: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = nn.Linear(context_dim, d, ("unmodeled", "embed"), rngs=rngs, dtype=dtype)
+    self.fc2 = nn.Linear(d, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, context: jax.Array) -> jax.Array:
+    return self.fc2(nn.gelu(self.fc1(context)))

@@ -1,0 +1,223 @@
+"""Feed-forward layers: dense MLP, expert-choice MoE (EC-DiT), token-choice MoE (DiT-MoE).
+
+Every FFN is called as `ffn(x, router_input) -> (y, diagnostics)` with x and
+router_input [B, S, D]; dense layers ignore router_input and return no
+diagnostics. Diagnostics are a flat dict of arrays, recorded per layer by the
+model (see `moe_diagnostics`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ec_dit import nn
+from ec_dit.moe import dispatch as dispatch_lib
+from ec_dit.moe import routing
+
+ACTIVATIONS = ("gelu", "swiglu")
+_expert_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0,))
+_router_init = nnx.initializers.normal(stddev=0.02)
+
+
+class DenseMLP(nnx.Module):
+  """Position-wise MLP: GELU (DiT) or SwiGLU, hidden width `hidden`."""
+
+  def __init__(self, d: int, hidden: int, *, activation: str = "gelu", rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.activation = activation
+    self.wi = nn.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.wg = nn.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype) if activation == "swiglu" else None
+    self.wo = nn.Linear(hidden, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
+    if self.activation == "swiglu":
+      h = jax.nn.silu(self.wg(x)) * self.wi(x)
+    else:
+      h = nn.gelu(self.wi(x))
+    return self.wo(h), {}
+
+
+class Experts(nnx.Module):
+  """E expert MLPs stored stacked: wi [E, D, H], wo [E, H, D].
+
+  Logical axes ('expert', 'embed', 'expert_mlp') let the sharding rules put
+  experts on the `expert` mesh axis and their hidden width on `tensor`.
+  """
+
+  def __init__(self, num_experts: int, d: int, hidden: int, *, activation: str = "gelu",
+               rngs: nnx.Rngs, dtype=jnp.float32):
+    self.activation = activation
+    self.dtype = dtype
+    e = num_experts
+    self.wi = nn.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
+    self.bi = nn.param(rngs, nn.zeros_init, (e, hidden), ("expert", "expert_mlp"))
+    self.wg = (nn.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
+               if activation == "swiglu" else None)
+    self.wo = nn.param(rngs, _expert_init, (e, hidden, d), ("expert", "expert_mlp", "embed"))
+    self.bo = nn.param(rngs, nn.zeros_init, (e, d), ("expert", "embed"))
+
+  def _w(self, p):
+    return p[...].astype(self.dtype)
+
+  def __call__(self, x_gecd: jax.Array) -> jax.Array:
+    """Each expert e runs on its own slots: [G, E, C, D] -> [G, E, C, D]."""
+    # Compute expert-major: with E leading, every batched matmul (and its
+    # gradients) sees contiguous [G*C, D] / [G*C, H] operands per expert. In
+    # the [G, E, C, H] layout XLA inserts transposes of the hidden-width
+    # activations (the largest tensors here) around each matmul. The two
+    # transposes below are of D-width tensors only, and cancel against the
+    # dispatch's own transposes.
+    x_egcd = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1)
+    bi = self._w(self.bi)[:, None, None, :]
+    h_egch = jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wi)) + bi
+    if self.wg is not None:
+      h_egch = jax.nn.silu(jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wg))) * h_egch
+    else:
+      h_egch = nn.gelu(h_egch)
+    y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._w(self.bo)[:, None, None, :]
+    return jnp.swapaxes(y_egcd, 0, 1)
+
+  def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Rows sorted by expert, `group_sizes[e]` rows for expert e: grouped matmuls, no padding."""
+    x_nd = x_nd.astype(self.dtype)
+    h_nh = jax.lax.ragged_dot(x_nd, self._w(self.wi), group_sizes) + self._w(self.bi)[expert_of_row]
+    if self.wg is not None:
+      h_nh = jax.nn.silu(jax.lax.ragged_dot(x_nd, self._w(self.wg), group_sizes)) * h_nh
+    else:
+      h_nh = nn.gelu(h_nh)
+    return jax.lax.ragged_dot(h_nh, self._w(self.wo), group_sizes) + self._w(self.bo)[expert_of_row]
+
+
+def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
+  """[B, S, D] -> [G, group, D]. group_size 0 means one group per image."""
+  b, s, d = x.shape
+  if group_size == 0 or group_size == s:
+    return x
+  if (b * s) % group_size:
+    raise ValueError(f"routing_group_size={group_size} must divide batch*tokens={b}*{s}")
+  return x.reshape(b * s // group_size, group_size, d)
+
+
+class _Router(nnx.Module):
+  """Linear router producing float32 logits [G, S, E]."""
+
+  def __init__(self, d: int, num_experts: int, *, rngs: nnx.Rngs):
+    self.proj = nn.Linear(d, num_experts, ("embed", "unmodeled"), use_bias=False,
+                          kernel_init=_router_init, rngs=rngs, dtype=jnp.float32)
+
+  def __call__(self, router_input_gsd: jax.Array) -> jax.Array:
+    return self.proj(router_input_gsd.astype(jnp.float32))
+
+
+def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape):
+  """Diagnostics shared by both routers.
+
+  per_token_experts: [G, S] routed experts per token; usage: [E] tokens each expert processed.
+  """
+  return {
+      "experts_per_token": per_token_experts.reshape(batch_shape),
+      "expert_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
+      "router_prob_per_expert": jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0),
+      "router_z_loss": routing.router_z_loss(logits),
+      "dropped_fraction": jnp.mean((per_token_experts == 0).astype(jnp.float32)),
+      "mean_top_gate": jnp.mean(jnp.max(probs, axis=-1)),
+  }
+
+
+class ExpertChoiceMoE(nnx.Module):
+  """EC-DiT's expert-choice MoE: in each routing group, every expert takes its top-C tokens.
+
+  y[token] = sum over experts e that took the token of gate[e, token] * expert_e(x[token]).
+  A token no expert took gets y = 0 and passes through on the block's residual.
+  C = round(group_tokens * capacity_factor / E): `train_capacity_factor` while
+  training, `eval_capacity_factor` after `model.eval()`. No auxiliary loss is
+  needed: every expert is exactly full by construction.
+  """
+
+  def __init__(self, d: int, *, num_experts: int, hidden: int, train_capacity_factor: float = 2.0,
+               eval_capacity_factor: float = 2.0, dispatch: str = "einsum", group_size: int = 0,
+               activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
+    self.num_experts = num_experts
+    self.train_capacity_factor = train_capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor
+    self.dispatch = dispatch
+    self.group_size = group_size
+    self.deterministic = False
+    self.router = _Router(d, num_experts, rngs=rngs)
+    self.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
+
+  def capacity(self, group_tokens: int) -> int:
+    cf = self.eval_capacity_factor if self.deterministic else self.train_capacity_factor
+    return routing.capacity(group_tokens, cf, self.num_experts)
+
+  def __call__(self, x: jax.Array, router_input: jax.Array):
+    x_gsd = _to_groups(x, self.group_size)
+    logits = self.router(_to_groups(router_input, self.group_size))
+    probs = routing.router_probabilities(logits)
+    slots = routing.expert_choice_slots(probs, self.capacity(x_gsd.shape[1]))
+    y_gsd = dispatch_lib.dispatch_tokens(self.dispatch, x_gsd, slots, self.experts)
+    counts = dispatch_lib.experts_per_token(slots, x_gsd.shape[1])
+    usage = jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
+    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2])
+    return y_gsd.reshape(x.shape).astype(x.dtype), diagnostics
+
+
+class TokenChoiceMoE(nnx.Module):
+  """DiT-MoE's token-choice MoE: each token picks its top-k experts, plus always-on shared experts.
+
+  Dropless by default (`capacity_factor=0`): rows are sorted by expert and run as
+  grouped matmuls (`lax.ragged_dot`), so no token is ever dropped. With
+  `capacity_factor > 0` each expert holds C = round(S * k * capacity_factor / E)
+  slots per group and overflowing choices are dropped. Gates are the raw top-k
+  probabilities unless `renormalize_gates`. The layer reports DiT-MoE's
+  expert-level balance loss (uncoefficiented) in its diagnostics.
+  """
+
+  def __init__(self, d: int, *, num_experts: int, hidden: int, k: int = 2, num_shared_experts: int = 0,
+               capacity_factor: float = 0.0, renormalize_gates: bool = False, dispatch: str = "einsum",
+               group_size: int = 0, activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
+    self.num_experts = num_experts
+    self.k = k
+    self.capacity_factor = capacity_factor
+    self.renormalize_gates = renormalize_gates
+    self.dispatch = dispatch
+    self.group_size = group_size
+    self.router = _Router(d, num_experts, rngs=rngs)
+    self.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
+    self.shared = nnx.List([DenseMLP(d, hidden, activation=activation, rngs=rngs, dtype=dtype)
+                            for _ in range(num_shared_experts)])
+
+  def _dropless(self, x_gsd, gates_gsk, experts_gsk):
+    g, s, d = x_gsd.shape
+    rows_expert = experts_gsk.reshape(-1)
+    rows_token = jnp.repeat(jnp.arange(g * s), self.k)
+    order = jnp.argsort(rows_expert, stable=True)
+    group_sizes = jnp.bincount(rows_expert, length=self.num_experts).astype(jnp.int32)
+    y_sorted = self.experts.ragged(x_gsd.reshape(g * s, d)[rows_token[order]], rows_expert[order], group_sizes)
+    y_rows = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(g, s, self.k, d)
+    y_gsd = jnp.einsum("gskd,gsk->gsd", y_rows.astype(x_gsd.dtype), gates_gsk.astype(x_gsd.dtype))
+    return y_gsd, jnp.full((g, s), float(self.k)), group_sizes.astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, router_input: jax.Array):
+    x_gsd = _to_groups(x, self.group_size)
+    logits = self.router(_to_groups(router_input, self.group_size))
+    probs = routing.router_probabilities(logits)
+    gates_gsk, experts_gsk = routing.token_choice(probs, self.k)
+    if self.renormalize_gates:
+      gates_gsk = gates_gsk / jnp.sum(gates_gsk, axis=-1, keepdims=True)
+    if self.capacity_factor > 0:
+      c = routing.capacity(x_gsd.shape[1] * self.k, self.capacity_factor, self.num_experts)
+      slots = routing.token_choice_slots(gates_gsk, experts_gsk, self.num_experts, c)
+      y_gsd = dispatch_lib.dispatch_tokens(self.dispatch, x_gsd, slots, self.experts)
+      counts = dispatch_lib.experts_per_token(slots, x_gsd.shape[1])
+      usage = jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
+    else:
+      y_gsd, counts, usage = self._dropless(x_gsd, gates_gsk, experts_gsk)
+    y = y_gsd.reshape(x.shape).astype(x.dtype)
+    for shared in self.shared:
+      y = y + shared(x)[0]
+    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2])
+    diagnostics["balance_loss"] = routing.balance_loss(probs, experts_gsk, self.num_experts)
+    return y, diagnostics

@@ -1,0 +1,76 @@
+"""Small building blocks shared by every model file.
+
+Every parameter is created through `param`, so every parameter carries logical
+axis names (`out_sharding` metadata). Sharding is applied later, from the
+config's logical-to-mesh rules (`ec_dit.sharding`), not eagerly at creation:
+that is what lets the same module build abstractly for a 97B model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+zeros_init = nnx.initializers.zeros_init()
+xavier_uniform = nnx.initializers.xavier_uniform()
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str],
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter with logical axis names, one name per dimension."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {tuple(axes)} must name each of the {len(shape)} dims of {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+                   eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel [in, out] with logical axes `axes`.
+
+  Parameters are stored in `param_dtype` (float32 by default); the matmul runs in
+  `dtype` (the model's compute dtype, float32 or bfloat16).
+  """
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
+               rngs: nnx.Rngs, use_bias: bool = True, kernel_init: Initializer = xavier_uniform,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+    self.bias = param(rngs, zeros_init, (out_features,), axes[1:], param_dtype) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters (DiT's norm), computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation; shift and scale are per image [B, D], broadcast over tokens."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation, as in DiT and PixArt-alpha."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def compute_dtype(name: str):
+  """Maps the config's dtype name to a jnp dtype."""
+  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in table:
+    raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+  return table[name]

@@ -1,0 +1,134 @@
+"""Model summary from shapes alone: parameters and FLOPs without materialising weights.
+
+The model is built under `nnx.eval_shape`, so only ShapeDtypeStructs exist: the
+97B EC-DiT-M summarises on a laptop.
+
+FLOPs count multiply-adds as 2 FLOPs, for matmuls and attention only (norms,
+activations, softmax and routing bookkeeping are negligible at these sizes),
+for one forward pass of one denoising step of one image. An expert-choice
+layer processes E * C = tokens * capacity_factor token-expert pairs; a
+token-choice layer tokens * k, plus its shared experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ec_dit import dit
+
+
+def abstract_model(model_config) -> dit.DiT:
+  """The DiT with ShapeDtypeStructs in place of arrays (no memory allocated)."""
+  return nnx.eval_shape(lambda: dit.DiT(model_config, rngs=nnx.Rngs(0)))
+
+
+def _path_str(path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def param_table(model: dit.DiT) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+  """(path, shape, logical axes) of every parameter."""
+  rows = []
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      rows.append((_path_str(path), tuple(var.shape), tuple(var.get_metadata().get("out_sharding") or ())))
+  return rows
+
+
+def _ffn_pairs_per_token(f) -> float:
+  """Routed expert applications per token on average at inference."""
+  return f.eval_capacity_factor if f.kind == "expert_choice" else float(f.top_k)
+
+
+def flops_per_image(m) -> int:
+  """Forward FLOPs of one denoising step for one image (see module docstring)."""
+  d, f = m.hidden_size, m.ffn
+  n = (m.input_size // m.patch_size) ** 2
+  length = m.context_len
+  patch_dim = m.patch_size ** 2 * m.in_channels
+  total = 2 * n * patch_dim * d                       # patch embedding
+  total += 2 * (256 * d + d * d)                      # timestep MLP
+  total += 2 * length * (m.context_dim * d + d * d)   # caption projection
+  for i in range(m.depth):
+    total += 2 * d * 6 * d                                          # adaLN
+    total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # self-attention
+    total += 2 * n * d * d + 2 * length * d * 2 * d + 2 * 2 * n * length * d + 2 * n * d * d  # cross
+    hidden = int(m.mlp_ratio * d)
+    mlp = 2 * 2 * d * hidden * (1.5 if f.activation == "swiglu" else 1.0)  # per token, one MLP
+    if not dit.is_moe_layer(i, f):
+      total += n * mlp
+    elif f.kind == "dense":
+      total += n * mlp * f.dense_mlp_ratio / m.mlp_ratio
+    else:
+      total += 2 * n * d * f.num_experts                            # router
+      total += n * _ffn_pairs_per_token(f) * mlp
+      if f.kind == "token_choice":
+        total += n * f.num_shared_experts * mlp
+  total += 2 * d * 2 * d + 2 * n * d * patch_dim                    # final layer
+  return int(total)
+
+
+def summarize(model_config) -> dict[str, Any]:
+  """Parameter counts and FLOPs of the configured DiT, from shapes only."""
+  model = abstract_model(model_config)
+  rows = param_table(model)
+  total = sum(math.prod(shape) for _, shape, _ in rows)
+  expert = sum(math.prod(shape) for path, shape, _ in rows if "/experts/" in path)
+  moe_layers = sum(dit.is_moe_layer(i, model_config.ffn) for i in range(model_config.depth))
+  f = model_config.ffn
+  if f.kind == "dense" or moe_layers == 0:
+    activated = total
+  else:
+    one_expert_all_layers = expert / f.num_experts
+    activated = total - expert + _ffn_pairs_per_token(f) * one_expert_all_layers
+  return {
+      "total_params": int(total),
+      "expert_params": int(expert),
+      "num_moe_layers": int(moe_layers),
+      "num_experts": int(f.num_experts) if f.kind != "dense" else 0,
+      "ffn_kind": f.kind,
+      "activated_params_per_token": int(round(activated)),
+      "flops_per_image": flops_per_image(model_config),
+      "tokens_per_image": (model_config.input_size // model_config.patch_size) ** 2,
+  }
+
+
+def _human(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return str(n)
+
+
+def format_table(model_config, stats: dict[str, Any]) -> str:
+  """A human-readable table: parameters by component, then the totals."""
+  model = abstract_model(model_config)
+  groups: dict[str, int] = {}
+  for path, shape, _ in param_table(model):
+    parts = path.split("/")
+    if parts[0] == "blocks":
+      key = "blocks/*/" + ("ffn/experts" if "experts" in parts else parts[2])
+    else:
+      key = parts[0]
+    groups[key] = groups.get(key, 0) + math.prod(shape)
+  width = max(len(k) for k in groups) + 2
+  lines = [f"{'component':<{width}}{'params':>12}", "-" * (width + 12)]
+  lines += [f"{k:<{width}}{_human(v):>12}" for k, v in sorted(groups.items())]
+  lines.append("-" * (width + 12))
+  for key in ("total_params", "expert_params", "activated_params_per_token", "flops_per_image"):
+    lines.append(f"{key:<{width}}{_human(stats[key]):>12}")
+  lines.append(f"{'num_moe_layers':<{width}}{stats['num_moe_layers']:>12}")
+  return "\n".join(lines)
+
+
+def print_summary(config) -> dict[str, Any]:
+  """Prints the table, then one JSON line (last, for scripts); returns the stats."""
+  import json
+  stats = summarize(config.model)
+  print(format_table(config.model, stats))
+  print(json.dumps(stats), flush=True)
+  return stats

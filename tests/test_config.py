@@ -1,0 +1,128 @@
+"""Configs: the paper sizes, variants, validation errors, and the summary mode."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ec_dit import config_lib, summary
+from helpers import REPO, load_config
+
+
+@pytest.mark.parametrize("name,d,depth,heads,experts", [
+    ("ec_dit_xl", 1152, 28, 18, 32), ("ec_dit_xxl", 1536, 38, 24, 32),
+    ("ec_dit_3xl", 2304, 42, 36, 32), ("ec_dit_m", 3072, 38, 48, 64)])
+def test_paper_configs(name, d, depth, heads, experts):
+  config = load_config(name)
+  config_lib.validate(config)
+  m = config.model
+  assert (m.hidden_size, m.depth, m.num_heads, m.ffn.num_experts) == (d, depth, heads, experts)
+  assert (m.input_size, m.in_channels, m.patch_size) == (32, 4, 2)
+  assert m.ffn.kind == "expert_choice" and m.ffn.train_capacity_factor == 2.0 and m.ffn.moe_every == 2
+
+
+@pytest.mark.parametrize("variant,kind", [(None, "expert_choice"), ("tc", "token_choice"), ("dense", "dense"),
+                                          ("dit_moe", "token_choice")])
+def test_tiny_variants_validate(variant, kind):
+  config = load_config("ec_dit_tiny", variant)
+  config_lib.validate(config)
+  assert config.model.ffn.kind == kind
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match="variant must be one of"):
+    load_config("ec_dit_tiny", "moe9000")
+
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.unlocked() if hasattr(node, "unlocked") else nullcontext():
+    node[leaf] = value
+
+
+from contextlib import nullcontext  # noqa: E402
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.input_size", 33, r"config\.model\.input_size: must be divisible by patch_size=2"),
+    ("model.hidden_size", 130, r"config\.model\.hidden_size: must be divisible by num_heads=4"),
+    ("model.ffn.train_capacity_factor", 0.0, r"config\.model\.ffn\.train_capacity_factor: must be > 0"),
+    ("model.ffn.eval_capacity_factor", -1.0, r"config\.model\.ffn\.eval_capacity_factor: must be > 0"),
+    ("model.ffn.kind", "switch", r"config\.model\.ffn\.kind: must be one of \('dense', 'expert_choice', 'token_choice'\)"),
+    ("model.ffn.dispatch", "magic", r"config\.model\.ffn\.dispatch: must be one of"),
+    ("model.ffn.routing_group_size", 100, r"config\.model\.ffn\.routing_group_size"),
+    ("model.dtype", "float16", r"config\.model\.dtype: must be one of"),
+])
+def test_bad_configs_name_the_field(field, value, message):
+  config = load_config("ec_dit_tiny")
+  _set(config, field, value)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_top_k_larger_than_experts():
+  config = load_config("ec_dit_tiny", "tc")
+  config.model.ffn.top_k = 9
+  with pytest.raises(ValueError, match=r"config\.model\.ffn\.top_k: must be in \[1, num_experts=8\], got 9"):
+    config_lib.validate(config)
+
+
+def test_unknown_keys_are_rejected():
+  config = load_config("ec_dit_tiny")
+  with config.model.ffn.unlocked():
+    config.model.ffn.capacity = 3
+  with pytest.raises(ValueError, match=r"config\.model\.ffn\.capacity: unknown key"):
+    config_lib.validate(config)
+  config = load_config("ec_dit_tiny")
+  with config.unlocked():
+    config.trainer = {}
+  with pytest.raises(ValueError, match=r"config\.trainer: unknown key"):
+    config_lib.validate(config)
+
+
+def test_summary_of_xl_from_shapes_only():
+  stats = summary.summarize(load_config("ec_dit_xl").model)
+  assert stats["num_moe_layers"] == 14
+  d, h, e = 1152, 4 * 1152, 32
+  assert stats["expert_params"] == 14 * e * (2 * d * h + h + d)
+  # activated: everything but the experts, plus 2 experts' worth (capacity factor 2) per MoE layer
+  assert stats["activated_params_per_token"] == stats["total_params"] - stats["expert_params"] + 2 * 14 * (2 * d * h + h + d)
+  assert 5.0e9 < stats["total_params"] < 6.0e9
+
+
+def test_flops_match_xla_cost_analysis():
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  for variant in ("dense", "ec"):
+    m = load_config("ec_dit_tiny", variant).model
+    m.ffn.dispatch = "gather"  # the einsum dispatch's one-hot matmuls are bookkeeping, not model FLOPs
+    graph, state = nnx.split(summary.abstract_model(m))
+    sds = jax.ShapeDtypeStruct
+    args = (state, sds((1, 32, 32, 3), jnp.float32), sds((1,), jnp.float32),
+            sds((1, m.context_len, m.context_dim), jnp.float32), sds((1, m.context_len), bool))
+    cost = jax.jit(lambda s, *a: nnx.merge(graph, s)(*a)[0]).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert cost["flops"] == pytest.approx(summary.flops_per_image(m), rel=0.05)
+
+
+def test_summary_cli_for_the_97b_config():
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_m.py", "--mode=summary"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  stats = json.loads(out.stdout.strip().splitlines()[-1])
+  for key in ("total_params", "expert_params", "num_moe_layers", "activated_params_per_token", "flops_per_image"):
+    assert key in stats
+  assert 9.0e10 < stats["total_params"] < 1.0e11 and stats["num_moe_layers"] == 19
+  assert "component" in out.stdout  # the human table comes first
+
+
+def test_cli_rejects_bad_override_before_building():
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_tiny.py", "--mode=summary",
+                        "--config.model.ffn.kind=switch"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "config.model.ffn.kind: must be one of" in out.stderr
