@@ -25,14 +25,20 @@ DISPATCH_METHODS = ("einsum", "gather")
 
 
 def dispatch_einsum(x_gsd: jax.Array, slots: SlotAssignment, expert_fn: ExpertFn) -> jax.Array:
-  """One-hot einsum dispatch and combine (EC-DiT Algorithm 1)."""
+  """One-hot einsum dispatch and combine (EC-DiT Algorithm 1).
+
+  The gates multiply the expert outputs [G, E, C, D] rather than the one-hot
+  tensor (combine = dispatch * gates in the paper): the products are the same,
+  but the backward pass then needs no [G, E, C, S] gradient of the combine
+  tensor (one O(S^2 D) matmul fewer) and no second [G, E, C, S] tensor is built.
+  Empty slots get token index -1, whose one-hot row is all zeros.
+  """
   num_tokens = x_gsd.shape[1]
-  dispatch_gecs = jax.nn.one_hot(slots.token_indices, num_tokens, dtype=x_gsd.dtype)
-  dispatch_gecs = dispatch_gecs * slots.valid[..., None].astype(x_gsd.dtype)
+  token_indices = jnp.where(slots.valid, slots.token_indices, -1)
+  dispatch_gecs = jax.nn.one_hot(token_indices, num_tokens, dtype=x_gsd.dtype)
   x_gecd = jnp.einsum("gecs,gsd->gecd", dispatch_gecs, x_gsd)
-  y_gecd = expert_fn(x_gecd)
-  combine_gecs = dispatch_gecs * slots.gates[..., None].astype(x_gsd.dtype)
-  return jnp.einsum("gecs,gecd->gsd", combine_gecs, y_gecd.astype(x_gsd.dtype))
+  y_gecd = expert_fn(x_gecd).astype(x_gsd.dtype) * slots.gates[..., None].astype(x_gsd.dtype)
+  return jnp.einsum("gecs,gecd->gsd", dispatch_gecs, y_gecd)
 
 
 def dispatch_gather(x_gsd: jax.Array, slots: SlotAssignment, expert_fn: ExpertFn) -> jax.Array:
