@@ -67,9 +67,45 @@ def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) 
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The full schema with defaults. Later sections (training, input, mesh) extend it."""
+  """The full schema with defaults: every key a config file may set."""
+  from ec_dit import input_pipeline  # its section lives beside the code that reads it
+
   config = ml_collections.ConfigDict()
   config.model = model_defaults()
+  config.text = ml_collections.ConfigDict(dict(
+      tokenizer="words",   # "words" (hashed, any Unicode) or "bytes"
+      vocab_size=4096,
+      depth=2,             # trainable encoder layers; width = model.context_dim
+      num_heads=4,
+  ))
+  config.input = input_pipeline.input_defaults()
+  # Training, in the Flax examples' style: any field can be set as --config.FIELD=VALUE.
+  config.seed = 0
+  config.num_train_steps = 100_000
+  config.batch_size = 256
+  config.learning_rate = 1e-4
+  config.warmup_steps = 1000
+  config.weight_decay = 0.0
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.grad_clip_norm = 1.0
+  config.ema_decay = 0.9999
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5000
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 5000
+  config.diffusion = ml_collections.ConfigDict(dict(
+      t_mean=0.0, t_std=1.0,   # logit-normal timesteps
+      uncond_prob=0.1,         # text dropped for classifier-free guidance
+  ))
+  config.sample = ml_collections.ConfigDict(dict(
+      sampler="euler", num_steps=32, guidance_scale=4.0, seed=0,
+      prompts=("a photo of a red circle", "a photo of a blue square", "a photo of two green triangles",
+               "a photo of a yellow circle left of a purple square"),
+  ))
+  config.geneval = ml_collections.ConfigDict(dict(
+      domain="shapes", per_task=100, images_per_prompt=4, prompt_seed=0, batch_size=64,
+  ))
   return config
 
 

@@ -25,3 +25,45 @@ def micro_config(variant: str | None = None, **ffn):
   for key, value in ffn.items():
     m.ffn[key] = value
   return config
+
+
+def train_config(variant: str | None = None, **overrides):
+  """The tiny config shrunk so a few training steps take seconds."""
+  config = load_config("ec_dit_tiny", variant)
+  m = config.model
+  m.input_size, m.patch_size, m.hidden_size, m.depth, m.num_heads = 16, 4, 32, 2, 2
+  m.context_dim, m.context_len = 32, 12
+  m.ffn.num_experts = 4
+  config.text.depth, config.text.num_heads, config.text.vocab_size = 1, 2, 512
+  config.input.image_size = 16
+  config.input.read_threads = 0
+  config.batch_size = 4
+  config.num_train_steps = 6
+  config.warmup_steps = 2
+  config.learning_rate = 1e-3
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 0
+  config.sample.num_steps = 2
+  config.sample.prompts = ("a photo of a red circle",)
+  config.geneval.per_task = 1
+  config.geneval.images_per_prompt = 1
+  config.geneval.batch_size = 8
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def read_losses(workdir) -> dict[int, float]:
+  """step -> loss from metrics.jsonl (the last line for a step wins: a resumed run rewrites it)."""
+  import json
+  out = {}
+  with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]
+  return out

@@ -1,0 +1,113 @@
+"""Tokenizer edge cases, the rectified-flow pieces, and samplers (determinism, text K/V cache)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ec_dit import diffusion, model as model_lib, text
+from ec_dit.pipeline import TextToImagePipeline
+from helpers import train_config
+
+
+def test_tokenizer_empty_long_and_non_ascii():
+  tok = text.Tokenizer("words", vocab_size=512, max_len=8)
+  ids, mask = tok.encode("")
+  assert ids.shape == (8,) and not mask.any()  # the empty prompt is unconditional
+  with pytest.warns(UserWarning, match="truncated"):
+    ids, mask = tok.encode("one two three four five six seven eight nine ten")
+  assert mask.all()
+  ids, mask = tok.encode("ein roter Kreis — 赤い円 🟥")
+  assert mask.sum() >= 4 and (ids[mask] > 0).all() and (ids < 512).all()
+  # deterministic and case-insensitive for words
+  np.testing.assert_array_equal(tok.encode("A Red Circle")[0], tok.encode("a red circle")[0])
+  assert not np.array_equal(tok.encode("a red circle")[0], tok.encode("a blue circle")[0])
+
+
+def test_byte_tokenizer_round_trips_unicode():
+  tok = text.Tokenizer("bytes", vocab_size=259, max_len=64)
+  prompt = "ü 猫 🟥"
+  ids, mask = tok.encode(prompt)
+  assert bytes(int(i) - 1 for i in ids[mask]).decode("utf-8") == prompt
+  with pytest.raises(ValueError, match="config.text.tokenizer"):
+    text.Tokenizer("sentencepiece")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tok.encode("short")  # no warning when it fits
+
+
+def test_logit_normal_timesteps_and_interpolation():
+  t = diffusion.sample_timesteps(jax.random.key(0), 20000)
+  assert 0 < float(t.min()) and float(t.max()) < 1
+  logits = np.log(np.asarray(t) / (1 - np.asarray(t)))
+  assert abs(logits.mean()) < 0.05 and abs(logits.std() - 1) < 0.05
+  x0, eps = jnp.ones((2, 4, 4, 3)), -jnp.ones((2, 4, 4, 3))
+  xt = diffusion.interpolate(x0, eps, jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(xt[0], x0[0]) and np.testing.assert_allclose(xt[1], eps[1])
+
+
+def _trained_looking_model(config):
+  model = model_lib.TextToImage(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [0.05 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_cached_and_uncached_text_kv_sampling_agree(sampler):
+  config = train_config()
+  model = _trained_looking_model(config)
+  tok = text.tokenizer_from_config(config)
+  tokens, mask = tok.encode_batch(["a photo of a red circle", "a photo of two blue squares", ""])
+  kwargs = dict(image_shape=(16, 16, 3), num_steps=3, guidance_scale=3.0, sampler=sampler)
+  a = diffusion.sample(model, tokens, mask, jax.random.key(0), cache_text=True, **kwargs)
+  b = diffusion.sample(model, tokens, mask, jax.random.key(0), cache_text=False, **kwargs)
+  assert float(jnp.abs(a).max()) > 0
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_pipeline_is_deterministic_and_independent_of_batching():
+  config = train_config()
+  model = _trained_looking_model(config)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  prompts = ["a photo of a red circle", "a photo of a blue square", "a photo of three triangles"]
+  small = TextToImagePipeline(config, params, batch_size=2)
+  big = TextToImagePipeline(config, params, batch_size=8)
+  a = small.generate(prompts, num_images_per_prompt=2, seed=7, num_steps=2)
+  b = small.generate(prompts, num_images_per_prompt=2, seed=7, num_steps=2)
+  c = big.generate(prompts, num_images_per_prompt=2, seed=7, num_steps=2)
+  d = small.generate(prompts, num_images_per_prompt=2, seed=8, num_steps=2)
+  assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, c)
+  assert not np.array_equal(a, d)
+  pil = small(["a photo of a red circle"], output_type="pil", num_steps=2)
+  assert pil[0].size == (16, 16)
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    small.generate(prompts, sampler="ddim")
+
+
+def test_samplers_integrate_a_known_flow_to_its_data_point():
+  """For data that is a single point x0 the exact velocity is (x - x0) / t and the ODE
+  path is a straight line: both samplers must land on x0 from any noise."""
+  x0 = jnp.full((1, 2, 2, 1), 0.5)
+
+  class PointMassModel:
+    def encode_prompt(self, tokens, mask):
+      return None
+
+    def dit(self, x, t, context_cache=None):
+      return (x - x0) / t.reshape(-1, 1, 1, 1), {}
+
+  tokens, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool)
+  for sampler in ("euler", "heun"):
+    out = diffusion.sample(PointMassModel(), tokens, mask, jax.random.key(0), image_shape=(2, 2, 1),
+                           num_steps=4, sampler=sampler)
+    np.testing.assert_allclose(out, x0, atol=1e-5)
