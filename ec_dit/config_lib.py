@@ -68,7 +68,7 @@ def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) 
 
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults: every key a config file may set."""
-  from ec_dit import input_pipeline  # its section lives beside the code that reads it
+  from ec_dit import input_pipeline, sharding  # their sections live beside the code that reads them
 
   config = ml_collections.ConfigDict()
   config.model = model_defaults()
@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_heads=4,
   ))
   config.input = input_pipeline.input_defaults()
+  config.mesh = sharding.mesh_defaults()  # device mesh and logical-to-mesh rules (ec_dit.sharding)
   # Training, in the Flax examples' style: any field can be set as --config.FIELD=VALUE.
   config.seed = 0
   config.num_train_steps = 100_000
@@ -182,6 +183,8 @@ def validate(config) -> None:
   _check_keys(config, base_config())
   _check_missing(config, base_config())
   validate_model(config.model)
+  from ec_dit import sharding
+  sharding.validate_mesh(config.mesh)
 
 
 def _check_missing(config, schema, prefix=""):

@@ -4,7 +4,16 @@
   python -m ec_dit.main --config=configs/ec_dit_xl.py --mode=summary                 # params and FLOPs
   python -m ec_dit.main --config=configs/ec_dit_tiny.py --workdir=runs/tiny \\
       --mode=sample --prompt="a photo of two red circles" --num_images=4
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m ec_dit.main \\
+      --config=configs/ec_dit_xl.py --mode=compile --config.mesh.expert=8  # per-device memory, no weights
+
+Multi-host: run the same command on every host. On TPU VM pod slices (and SLURM / Open MPI
+clusters) jax.distributed is initialised automatically; elsewhere (e.g. several CPU or GPU
+machines, or processes on one machine) pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (CPU processes use the gloo collectives).
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -12,14 +21,50 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:VARIANT.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train_and_evaluate", ["train_and_evaluate", "train", "evaluate", "sample", "summary"],
+flags.DEFINE_enum("mode", "train_and_evaluate",
+                  ["train_and_evaluate", "train", "evaluate", "sample", "summary", "compile"],
                   "train_and_evaluate: train, then score the GenEval-style prompt set; train: only train; "
                   "evaluate: score the latest checkpoint; sample: write PNGs for --prompt; "
-                  "summary: parameter and FLOP counts from shapes only.")
+                  "summary: parameter and FLOP counts from shapes only; "
+                  "compile: compile the train step for the configured mesh from abstract inputs and "
+                  "print per-device memory (no weights allocated).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                  "--mode=compile only: parameter / optimizer-state dtype for the memory analysis.")
 flags.DEFINE_multi_string("prompt", [], "Prompt(s) for --mode=sample.")
 flags.DEFINE_integer("num_images", 4, "Images per prompt for --mode=sample.")
 flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample.")
 FLAGS = flags.FLAGS
+
+
+def _auto_detected_cluster() -> bool:
+  """True on a multi-host TPU VM slice, or under a multi-task SLURM / Open MPI launch."""
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return ("," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when launched as several processes; else does nothing.
+
+  Must run before any JAX computation (it is the first thing `main` does).
+  """
+  import jax
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      raise app.UsageError(f"--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes})")
+    if FLAGS.num_processes == 1:
+      return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif _auto_detected_cluster():
+    jax.distributed.initialize()  # TPU VM pod slice / SLURM / Open MPI: everything auto-detected
 
 
 def main(argv):
@@ -32,6 +77,11 @@ def main(argv):
   if FLAGS.mode == "summary":
     from ec_dit import summary
     summary.print_summary(config)
+    return
+  initialize_distributed()
+  if FLAGS.mode == "compile":
+    from ec_dit import aot
+    print(aot.format_report(aot.memory_report(config, param_dtype=FLAGS.param_dtype)), flush=True)
     return
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")

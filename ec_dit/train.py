@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from ec_dit import checkpoint, config_lib, diffusion, input_pipeline, metrics_writer, model as model_lib, text
+from ec_dit import sharding
 
 
 # ----------------------------------------------------------------------------
@@ -47,10 +48,22 @@ def init_model(config):
   return graphdef, nnx.to_pure_dict(params)
 
 
-def init_state(config, tx):
-  graphdef, params = init_model(config)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-  ema = jax.tree.map(jnp.copy, params)
+def init_state(config, tx, mesh=None):
+  """(graphdef, state, ema), sharded over `mesh` (default: the config's mesh over all devices).
+
+  Abstract first: shapes and shardings come from `nnx.eval_shape`, then one
+  jitted initialisation writes each device's shards directly (out_shardings),
+  so no host ever holds a full copy of the weights.
+  """
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  graphdef, _, _, shardings = sharding.train_state_shardings(config, tx, mesh)
+
+  def init():
+    _, params = init_model(config)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  state = jax.jit(init, out_shardings=shardings["state"])()
+  ema = jax.tree.map(jnp.copy, state["params"])  # its own buffers (both are donated to the step)
   return graphdef, state, ema
 
 
@@ -76,11 +89,23 @@ def summarize_diagnostics(moe: dict) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(config, graphdef, tx):
-  """The jitted update: loss, gradients, AdamW, EMA; state and EMA buffers are donated."""
+def make_train_step(config, graphdef, tx, mesh=None):
+  """The jitted update: loss, gradients, AdamW, EMA; state and EMA buffers are donated.
+
+  Jitted with explicit in/out shardings on `mesh` (default: the config's mesh):
+  state and EMA by the parameters' logical axes, the batch over the `batch`
+  rule's axes, metrics replicated. The MoE layers' activation constraints are
+  active while the step is traced.
+  """
   d = config.diffusion
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  _, _, _, shardings = sharding.train_state_shardings(config, tx, mesh)
 
   def train_step(state, ema, batch):
+    with sharding.activation_sharding(mesh, config.mesh.rules):
+      return _train_step(state, ema, batch)
+
+  def _train_step(state, ema, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
 
     def loss_fn(params):
@@ -98,7 +123,22 @@ def make_train_step(config, graphdef, tx):
                "grad_norm": optax.global_norm(grads), **summarize_diagnostics(aux["moe"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, ema, metrics
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(train_step, donate_argnums=(0, 1),
+                 in_shardings=(shardings["state"], shardings["ema"], shardings["batch"]),
+                 out_shardings=(shardings["state"], shardings["ema"], sharding.replicated(mesh)))
+
+
+def _check_batch_split(config, batch_sharding):
+  """With several processes each feeds its own rows, so the batch must be split across all of them."""
+  if jax.process_count() == 1:
+    return
+  spec = batch_sharding.spec
+  axes = () if not len(spec) or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
+  split = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+  if split % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} cannot be split over the mesh's batch axes "
+                     f"{dict(batch_sharding.mesh.shape)} across {jax.process_count()} processes: make it a "
+                     f"multiple of the product of the batch axes")
 
 
 # ----------------------------------------------------------------------------
@@ -166,14 +206,16 @@ def train(config, workdir: str) -> dict[str, Any]:
       process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = iter(dataset)
 
-  # -- Model and optimizer -------------------------------------------------
+  # -- Mesh, model and optimizer (sharded, abstract first) ----------------
+  mesh = sharding.make_mesh(config.mesh)
   tx = make_optimizer(config)
-  graphdef, state, ema = init_state(config, tx)
+  _, abstract_state, abstract_ema, shardings = sharding.train_state_shardings(config, tx, mesh)
+  _check_batch_split(config, shardings["batch"])
+  graphdef, state, ema = init_state(config, tx, mesh)
 
-  # -- Checkpoint: resume from the latest good one ------------------------
+  # -- Checkpoint: resume from the latest good one (onto this mesh, whatever mesh saved it)
   manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest_good(manager, jax.eval_shape(lambda: state), jax.eval_shape(lambda: ema),
-                                            data_iter, report=writer.message)
+  restored = checkpoint.restore_latest_good(manager, abstract_state, abstract_ema, data_iter, report=writer.message)
   if restored is not None:
     start, state, ema, data_iter = restored
     writer.message(f"resumed from step {start} in {checkpoint.checkpoint_dir(workdir)}")
@@ -188,7 +230,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   t_last, steps_since = time.time(), 0
   with _Preemption() as preemption:
     for step in range(start + 1, config.num_train_steps + 1):
-      batch = next(data_iter)
+      batch = input_pipeline.global_batch(next(data_iter), shardings["batch"])
       state, ema, metrics = train_step(state, ema, batch)
       loss = float(metrics["loss"])
       if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN

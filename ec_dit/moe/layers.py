@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ec_dit import nn
+from ec_dit import sharding
 from ec_dit.moe import dispatch as dispatch_lib
 from ec_dit.moe import routing
 
@@ -69,6 +70,12 @@ class Experts(nnx.Module):
     # activations (the largest tensors here) around each matmul. The two
     # transposes below are of D-width tensors only, and cancel against the
     # dispatch's own transposes.
+    #
+    # Sharding (under `sharding.activation_sharding`, a no-op otherwise): the
+    # dispatched slots move to the devices holding their experts (E over `expert`,
+    # groups over the remaining batch axes): XLA emits the all-to-all here and
+    # its inverse on the way out.
+    x_gecd = sharding.constrain(x_gecd, ("expert_group", "expert", None, None))
     x_egcd = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1)
     bi = self._w(self.bi)[:, None, None, :]
     h_egch = jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wi)) + bi
@@ -76,8 +83,9 @@ class Experts(nnx.Module):
       h_egch = jax.nn.silu(jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wg))) * h_egch
     else:
       h_egch = nn.gelu(h_egch)
+    h_egch = sharding.constrain(h_egch, ("expert", "expert_group", None, "expert_mlp"))
     y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._w(self.bo)[:, None, None, :]
-    return jnp.swapaxes(y_egcd, 0, 1)
+    return sharding.constrain(jnp.swapaxes(y_egcd, 0, 1), ("expert_group", "expert", None, None))
 
   def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Rows sorted by expert, `group_sizes[e]` rows for expert e: grouped matmuls, no padding."""
@@ -91,13 +99,18 @@ class Experts(nnx.Module):
 
 
 def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
-  """[B, S, D] -> [G, group, D]. group_size 0 means one group per image."""
+  """[B, S, D] -> [G, group, D]. group_size 0 means one group per image.
+
+  Groups are whole images or fixed runs of tokens, never "the tokens on this
+  device": routing does not depend on how the batch is split over devices. The
+  groups are split over the batch mesh axes (`sharding.constrain`).
+  """
   b, s, d = x.shape
   if group_size == 0 or group_size == s:
-    return x
+    return sharding.constrain(x, ("batch", None, None))
   if (b * s) % group_size:
     raise ValueError(f"routing_group_size={group_size} must divide batch*tokens={b}*{s}")
-  return x.reshape(b * s // group_size, group_size, d)
+  return sharding.constrain(x.reshape(b * s // group_size, group_size, d), ("batch", None, None))
 
 
 class _Router(nnx.Module):
