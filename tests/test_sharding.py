@@ -1,12 +1,12 @@
-"""Mesh and sharding on 8 forced CPU devices: rules, sharded = single-device, restore onto another mesh, AOT.
+"""Mesh and sharding on 8 forced CPU devices: rules, sharded == single device, AOT compile.
+
+(Restoring a checkpoint onto a different mesh is tested in test_multihost.py.)
 
 Meshes are (data, fsdp, expert, tensor). The equality tests compile one
 function per mesh that returns the forward pass, the gradients and a full
 train step, at XLA's backend optimisation level 0 (for compile time; the
 reference is compiled the same way).
 """
-
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ec_dit import aot, config_lib, diffusion, sharding, train
-from helpers import read_losses, train_config
+from helpers import train_config
 
 MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 8, 1), (1, 2, 2, 2), (2, 1, 2, 2)]
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -191,23 +191,6 @@ def test_sharded_forward_gradient_and_train_step_equal_single_device(variant):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints across meshes
-
-
-def test_checkpoint_from_one_mesh_restores_on_another_and_training_continues(tmp_path):
-  ref, run = tmp_path / "ref", tmp_path / "run"
-  train.train(_config(mesh=(8, 1, 1, 1), num_train_steps=6), str(ref))
-  shutil.copytree(ref, run)
-  for step in (4, 6):  # keep only the step-2 checkpoint, written on (8, 1, 1, 1)
-    shutil.rmtree(run / "checkpoints" / str(step))
-  train.train(_config(mesh=(1, 2, 2, 2), num_train_steps=6), str(run))
-  expected, got = read_losses(ref), read_losses(run)
-  assert sorted(got) == list(range(1, 7))
-  for step in range(3, 7):  # recomputed on the new mesh from the restored state
-    np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
-
-
-# ----------------------------------------------------------------------------
 # Ahead-of-time compile
 
 
@@ -223,7 +206,5 @@ def test_aot_compile_reports_per_device_memory_without_allocating_weights():
   # 8-way sharded arguments: well under the full state (params + EMA + 2 Adam moments, float32)
   full_state_gib = 4 * report["num_params"] * 4 / aot.GiB
   assert report["argument_gib"] < 0.5 * full_state_gib
-  bf16 = aot.memory_report(config, param_dtype="bfloat16")
-  assert bf16["argument_gib"] < 0.6 * report["argument_gib"]
   lines = aot.format_report(report).splitlines()
   assert lines[-1].startswith("{") and '"total_gib"' in lines[-1]

@@ -1,0 +1,84 @@
+"""Multi-host training from the CLI: 2 processes x 4 CPU devices == 1 process x 8 devices.
+
+Both processes run `python -m ec_dit.main --mode=train` with --coordinator_address,
+--num_processes and --process_id (gloo collectives), each reading only its shard of
+the data. They train, checkpoint, stop, and a second launch resumes. The same
+two runs in one process with 8 devices give the same losses; there the first run
+uses mesh (8, 1, 1, 1) and the second restores its checkpoint onto (1, 2, 2, 2):
+a checkpoint restores onto a different mesh shape and training continues with
+equal losses.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from ec_dit import train
+from helpers import REPO, read_losses, train_config
+
+MESH = dict(data=2, fsdp=2, expert=2, tensor=1)  # data spans the two processes
+OVERRIDES = {
+    "model.input_size": 16, "model.patch_size": 4, "model.hidden_size": 32, "model.depth": 2,
+    "model.num_heads": 2, "model.context_dim": 32, "model.context_len": 12, "model.ffn.num_experts": 8,
+    "text.depth": 1, "text.num_heads": 2, "text.vocab_size": 512,
+    "input.image_size": 16, "input.read_threads": 0,
+    "batch_size": 8, "warmup_steps": 2, "learning_rate": 1e-3, "log_every_steps": 1,
+    "checkpoint_every_steps": 2, "eval_every_steps": 0,
+    **{f"mesh.{k}": v for k, v in MESH.items()},
+}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch_two_processes(workdir, num_train_steps):
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps).items()]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'configs' / 'ec_dit_tiny.py'}",
+       f"--workdir={workdir}", "--mode=train", f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}", *flags],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  return outputs
+
+
+def _single_process_config(num_train_steps, mesh):
+  config = train_config(batch_size=8, num_train_steps=num_train_steps)
+  config.model.ffn.num_experts = 8
+  config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = mesh
+  return config
+
+
+def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh(tmp_path, capsys):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  outputs = _launch_two_processes(multi, 4)  # steps 1-4, checkpoints at 2 and 4, then stop
+  assert sorted(read_losses(multi)) == [1, 2, 3, 4]
+  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  # only process 0 draws the progress bar (and writes logs)
+  assert "train:" in outputs[0][1] and "train:" not in outputs[1][1]
+  outputs = _launch_two_processes(multi, 6)  # resumes from step 4
+  assert "resumed from step 4" in outputs[0][1]
+
+  train.train(_single_process_config(4, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
+  train.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # restored onto (1, 2, 2, 2)
+  assert "resumed from step 4" in capsys.readouterr().err
+  expected, got = read_losses(single), read_losses(multi)
+  assert sorted(got) == sorted(expected) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5)
