@@ -1,6 +1,9 @@
-"""Tiny EC-DiT that trains on a laptop CPU: 32x32 RGB pixels, patch 2 (256 tokens).
+"""Tiny EC-DiT that trains on a laptop CPU: 32x32 RGB ShapesWorld pixels, patch 4 (64 tokens).
 
-The embedded default. Variants at matched activated compute:
+The embedded default: `python -m ec_dit.main --config=configs/ec_dit_tiny.py --workdir=runs/tiny`
+trains for about 13 minutes on 2 CPU cores, then scores the ShapesWorld GenEval-style set.
+
+Variants at matched activated compute:
   configs/ec_dit_tiny.py        expert choice, capacity factor 2 (default)
   configs/ec_dit_tiny.py:tc     token choice top-2
   configs/ec_dit_tiny.py:dense  dense FFN of width 2 x 4d at the MoE positions
@@ -12,9 +15,28 @@ from ec_dit import config_lib
 def get_config(arg=None):
   config = config_lib.base_config()
   m = config.model
-  m.input_size, m.in_channels, m.patch_size = 32, 3, 2
+  m.input_size, m.in_channels, m.patch_size = 32, 3, 4
   m.hidden_size, m.depth, m.num_heads = 128, 6, 4
-  m.context_dim, m.context_len = 128, 16
+  m.context_dim, m.context_len = 128, 32
+  # A tiny model learns the prompt far faster when it also modulates every block.
+  m.pooled_text_conditioning = True
   m.ffn.num_experts = 8
   m.ffn.dispatch = "gather"  # faster than the one-hot einsum on CPUs (experiments/benchmark_moe.py)
+  config.text.depth, config.text.num_heads = 2, 4
+
+  config.input.image_size = 32
+  config.batch_size = 32
+  config.num_train_steps = 3000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 100
+  config.adam_b2 = 0.99
+  config.ema_decay = 0.999
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 1000
+
+  config.sample.num_steps = 32
+  config.sample.guidance_scale = 3.0
+  config.geneval.per_task = 100
+  config.geneval.images_per_prompt = 4
   return config_lib.apply_variant(config, arg)

@@ -29,6 +29,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       mlp_ratio=4.0,          # dense FFN and each expert: width mlp_ratio * hidden
       context_dim=4096,       # width of the text features fed to cross-attention
       context_len=120,        # text tokens per prompt (PixArt-alpha's T5 length)
+      pooled_text_conditioning=False,  # add the mean text feature to the adaLN conditioning
       dtype="float32",        # compute dtype; parameters stay float32
       remat_policy="none",    # activation checkpointing per block (see ec_dit.dit.REMAT_POLICIES)
       ffn=dict(

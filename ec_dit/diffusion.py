@@ -61,7 +61,9 @@ def _guided_velocity(model, cache: dit_lib.ContextCache, guidance_scale: float):
     return lambda x, t: model.dit(x, jnp.full((x.shape[0],), t), context_cache=cache)[0]
   both = dit_lib.ContextCache(
       kv=jax.tree.map(lambda a: jnp.concatenate([a, a]), cache.kv),
-      mask=jnp.concatenate([cache.mask, jnp.zeros_like(cache.mask)]))
+      mask=jnp.concatenate([cache.mask, jnp.zeros_like(cache.mask)]),
+      # the empty prompt pools to zeros (no tokens), exactly as encode_context computes it
+      pooled=None if cache.pooled is None else jnp.concatenate([cache.pooled, jnp.zeros_like(cache.pooled)]))
 
   def velocity(x, t):
     v, _ = model.dit(jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t), context_cache=both)

@@ -33,9 +33,10 @@ REMAT_POLICIES = {
 
 
 class ContextCache(NamedTuple):
-  """Text K/V of every cross-attention, computed once per sampling run."""
+  """Text K/V of every cross-attention (and the pooled text), computed once per sampling run."""
   kv: tuple[attention.TextKV, ...]
   mask: jax.Array
+  pooled: jax.Array | None = None
 
 
 def is_moe_layer(index: int, ffn_config) -> bool:
@@ -117,6 +118,11 @@ class DiT(nnx.Module):
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
     self.t_embed = embeddings.TimestepEmbedder(d, rngs=rngs, dtype=dtype)
     self.context_embed = embeddings.ContextEmbedder(m.context_dim, d, rngs=rngs, dtype=dtype)
+    # Optional: the masked mean of the text joins the timestep in the adaLN conditioning
+    # (as SD3/Imagen do), so every block is modulated by the prompt, not only through
+    # cross-attention. Off in the paper configs (PixArt-alpha has no pooled path).
+    self.pooled_embed = (nn.Linear(d, d, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+                         if m.pooled_text_conditioning else None)
     self.blocks = nnx.List([DiTBlock(i, m, rngs=rngs, dtype=dtype) for i in range(m.depth)])
     self.final = FinalLayer(d, m.patch_size, m.in_channels, rngs=rngs, dtype=dtype)
     self.dtype = dtype
@@ -124,7 +130,15 @@ class DiT(nnx.Module):
   def encode_context(self, context: jax.Array, context_mask: jax.Array) -> ContextCache:
     """Projects the text and computes every block's cross-attention K/V once."""
     ctx = self.context_embed(context)
-    return ContextCache(tuple(block.cross_attn.text_kv(ctx) for block in self.blocks), context_mask.astype(bool))
+    mask = context_mask.astype(bool)
+    pooled = None
+    if self.pooled_embed is not None:
+      weights = mask.astype(ctx.dtype)[..., None]
+      pooled = jnp.sum(ctx * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+      # Normalised so its scale (and so its gradient) does not shrink with averaging;
+      # the empty prompt stays exactly zero.
+      pooled = nn.layer_norm(pooled) * jnp.any(mask, axis=1, keepdims=True).astype(ctx.dtype)
+    return ContextCache(tuple(block.cross_attn.text_kv(ctx) for block in self.blocks), mask, pooled)
 
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
                context_mask: jax.Array | None = None, *, context_cache: ContextCache | None = None):
@@ -137,6 +151,8 @@ class DiT(nnx.Module):
     grid = height // m.patch_size
     h = self.patch_embed(x) + embeddings.sincos_2d(m.hidden_size, grid, width // m.patch_size).astype(self.dtype)
     c = self.t_embed(t)
+    if self.pooled_embed is not None:
+      c = c + self.pooled_embed(jax.nn.silu(context_cache.pooled))
     policy = REMAT_POLICIES[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
     for i, (block, kv) in enumerate(zip(self.blocks, context_cache.kv)):

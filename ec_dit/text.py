@@ -77,9 +77,12 @@ class _EncoderLayer(nnx.Module):
   def __init__(self, d: int, num_heads: int, *, rngs: nnx.Rngs, dtype):
     self.num_heads = num_heads
     self.qkv = nn.Linear(d, 3 * d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.out = nn.Linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    # Residual branches start at zero, so a fresh encoder passes each token's own
+    # embedding through: with random full-scale branches the (small) token identity
+    # would drown in the attention average and the DiT would see no prompt at all.
+    self.out = nn.Linear(d, d, ("heads", "embed"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
     self.fc1 = nn.Linear(d, 4 * d, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.fc2 = nn.Linear(4 * d, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.fc2 = nn.Linear(4 * d, d, ("mlp", "embed"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, mask):
     b, length, d = x.shape
@@ -95,9 +98,9 @@ class TextEncoder(nnx.Module):
 
   def __init__(self, vocab_size: int, max_len: int, width: int, depth: int, num_heads: int, *,
                rngs: nnx.Rngs, dtype=jnp.float32):
-    normal = nnx.initializers.normal(0.02)
-    self.embed = nn.param(rngs, normal, (vocab_size, width), ("vocab", "embed"))
-    self.pos = nn.param(rngs, normal, (max_len, width), ("unmodeled", "embed"))
+    # Unit-scale token embeddings, small positions: a word's identity dominates its slot.
+    self.embed = nn.param(rngs, nnx.initializers.normal(1.0), (vocab_size, width), ("vocab", "embed"))
+    self.pos = nn.param(rngs, nnx.initializers.normal(0.02), (max_len, width), ("unmodeled", "embed"))
     self.layers = nnx.List([_EncoderLayer(width, num_heads, rngs=rngs, dtype=dtype) for _ in range(depth)])
     self.dtype = dtype
 

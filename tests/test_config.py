@@ -48,7 +48,7 @@ from contextlib import nullcontext  # noqa: E402
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.input_size", 33, r"config\.model\.input_size: must be divisible by patch_size=2"),
+    ("model.input_size", 33, r"config\.model\.input_size: must be divisible by patch_size=4"),
     ("model.hidden_size", 130, r"config\.model\.hidden_size: must be divisible by num_heads=4"),
     ("model.ffn.train_capacity_factor", 0.0, r"config\.model\.ffn\.train_capacity_factor: must be > 0"),
     ("model.ffn.eval_capacity_factor", -1.0, r"config\.model\.ffn\.eval_capacity_factor: must be > 0"),

@@ -58,6 +58,15 @@ def test_end_to_end_train_and_evaluate(tmp_path, capsys):
   # sample mode from the finished run
   paths = train.sample_to_files(str(tmp_path), ["a photo of a blue square", ""], num_images=2)
   assert len(paths) == 4 and all(os.path.exists(p) for p in paths)
+  # the harness CLI generates GenEval's layout from the run
+  prompts = tmp_path / "geneval" / "prompts.jsonl"
+  out = subprocess.run([sys.executable, "-m", "ec_dit.geneval", "generate", "--workdir", str(tmp_path),
+                        "--prompts", str(prompts), "--out", str(tmp_path / "gen"), "--n", "2", "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  check = subprocess.run([sys.executable, "-m", "ec_dit.geneval", "validate", "--prompts", str(prompts),
+                          "--images", str(tmp_path / "gen"), "--n", "2"], capture_output=True, text=True, cwd=REPO)
+  assert check.returncode == 0 and "complete" in check.stdout, check.stdout + check.stderr
 
 
 @pytest.mark.parametrize("variant", ["tc", "dense"])

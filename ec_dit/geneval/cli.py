@@ -1,4 +1,4 @@
-"""``python -m ec_dit.geneval <command>``: prompts, validate, render, evaluate, summary."""
+"""``python -m ec_dit.geneval <command>``: prompts, validate, render, generate, evaluate, summary."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,16 @@ def _cmd_evaluate(a) -> int:
   return 0
 
 
+def _cmd_generate(a) -> int:
+  from ec_dit import train  # imports jax: only for this command
+  from ec_dit.pipeline import TextToImagePipeline
+  ps = prompts_lib.load_prompts(a.prompts)
+  pipe = TextToImagePipeline.from_run(a.workdir, step=a.step, batch_size=a.batch_size)
+  train.generate_into(pipe, ps, a.out, n=a.n, seed=a.seed, progress=not a.quiet)
+  print(f"generated {len(ps)} prompts x {a.n} samples into {a.out}")
+  return 0
+
+
 def _cmd_summary(a) -> int:
   print(summary_lib.format_summary(summary_lib.summarize(a.results)))
   return 0
@@ -87,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--noise", type=float, default=0.0, help="Gaussian pixel noise std (default 0)")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.set_defaults(fn=_cmd_render)
+
+  s = sub.add_parser("generate", help="generate samples for a prompt file from a training run")
+  s.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
+  s.add_argument("--prompts", required=True, help="prompt .jsonl file")
+  s.add_argument("--out", required=True, help="output image folder (GenEval's layout)")
+  s.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
+  s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+  s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  s.add_argument("--batch-size", type=int, default=64, help="images per jitted call (default 64)")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.set_defaults(fn=_cmd_generate)
 
   s = sub.add_parser("evaluate", help="score an image folder with GenEval's rules")
   s.add_argument("--images", required=True, help="image folder in GenEval's layout")
