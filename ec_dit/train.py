@@ -276,7 +276,10 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   prompts_lib.write_prompts(suite, os.path.join(out, "prompts.jsonl"))
   pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size)
-  generate_into(pipe, suite, os.path.join(out, "images"), n=g.images_per_prompt, seed=config.sample.seed)
+  # The sampler settings come from the config given now (the run's weights and model from its workdir),
+  # so `--mode=evaluate --config.sample.guidance_scale=...` compares samplers on one run.
+  generate_into(pipe, suite, os.path.join(out, "images"), n=g.images_per_prompt, seed=config.sample.seed,
+                sample=config.sample)
   rows = harness.evaluate_images(os.path.join(out, "images"), os.path.join(out, "results.jsonl"))
   scores = summary_lib.summarize(rows)
   with open(os.path.join(out, "summary.json"), "w") as f:
@@ -285,15 +288,22 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   return scores
 
 
-def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: int = 0, progress: bool = True):
-  """Writes n samples per GenEval prompt in GenEval's folder layout."""
+def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: int = 0, progress: bool = True,
+                  sample=None):
+  """Writes n samples per GenEval prompt in GenEval's folder layout.
+
+  `sample` (a config.sample section) overrides the pipeline's sampler, steps and guidance.
+  """
+  kwargs = {} if sample is None else dict(num_steps=sample.num_steps, guidance_scale=sample.guidance_scale,
+                                          sampler=sample.sampler)
   from tqdm import tqdm
   from ec_dit.geneval import layout
   texts = [p["prompt"] for p in prompts]
   per_call = max(1, pipe.batch_size // n)
   with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
     for start in range(0, len(prompts), per_call):
-      images = pipe.generate(texts[start:start + per_call], num_images_per_prompt=n, seed=seed, first_index=start)
+      images = pipe.generate(texts[start:start + per_call], num_images_per_prompt=n, seed=seed, first_index=start,
+                             **kwargs)
       for i, meta in enumerate(prompts[start:start + per_call]):
         layout.write_prompt_folder(out_dir, start + i, meta, list(images[i * n:(i + 1) * n]))
       bar.update(len(images) // n)
