@@ -9,9 +9,6 @@ middle of the path where the velocity is hardest to predict.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 

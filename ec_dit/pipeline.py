@@ -94,13 +94,10 @@ class TextToImagePipeline:
       # one noise key per image, from (seed, prompt, sample): independent of batching
       keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
-      images = self._sample_per_image_keys(tokens, mask, jnp.stack(keys), num_steps, guidance_scale, sampler)
+      images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
+                            guidance_scale, sampler)
       out.append(diffusion.to_uint8(images[:len(chunk)]))
     return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
-
-  def _sample_per_image_keys(self, tokens, mask, keys, num_steps, guidance_scale, sampler):
-    return self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), keys, num_steps, guidance_scale,
-                        sampler)
 
   def __call__(self, prompts: Sequence[str] | str, *, output_type: str = "np", **kwargs):
     """Generates images; `output_type` "np" (uint8 arrays) or "pil". See `generate` for kwargs."""

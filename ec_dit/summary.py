@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 from flax import nnx
 
 from ec_dit import dit

@@ -10,7 +10,6 @@ bit for bit.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -169,14 +168,22 @@ class _Preemption:
 # ----------------------------------------------------------------------------
 # Evals
 
-def write_sample_grid(config, ema, workdir: str, step: int, writer) -> str:
+GRID_IMAGES_PER_PROMPT = 4
+
+
+def sample_grid_pipeline(config):
+  """The pipeline for the periodic sample grids: built once per run, so the sampler compiles once."""
+  from ec_dit.pipeline import TextToImagePipeline
+  params = checkpoint.abstract_params(config)  # replaced by the EMA weights before every use
+  return TextToImagePipeline(config, params, batch_size=len(config.sample.prompts) * GRID_IMAGES_PER_PROMPT)
+
+
+def write_sample_grid(config, pipe, ema, workdir: str, step: int, writer) -> str:
   """Samples the config's fixed prompts with the EMA weights and writes a PNG grid."""
   from ec_dit.geneval import layout
-  from ec_dit.pipeline import TextToImagePipeline
-  prompts = list(config.sample.prompts)
-  n = 4
-  pipe = TextToImagePipeline(config, ema, batch_size=len(prompts) * n)
-  images = pipe.generate(prompts, num_images_per_prompt=n, seed=config.sample.seed)
+  n = GRID_IMAGES_PER_PROMPT
+  pipe.params = ema
+  images = pipe.generate(list(config.sample.prompts), num_images_per_prompt=n, seed=config.sample.seed)
   grid = layout.make_grid(list(images), cols=n)
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -226,6 +233,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
+  grid_pipe = None
   progress = metrics_writer.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
   with _Preemption() as preemption:
@@ -251,7 +259,8 @@ def train(config, workdir: str) -> dict[str, Any]:
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         checkpoint.save(manager, step, state, ema, data_iter)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main:
-        write_sample_grid(config, ema, workdir, step, writer)
+        grid_pipe = grid_pipe or sample_grid_pipeline(config)
+        write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
       if preemption.requested:
         writer.message(f"SIGTERM at step {step}: saving a checkpoint and exiting")
         checkpoint.save(manager, step, state, ema, data_iter, force=True)

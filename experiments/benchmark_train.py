@@ -32,7 +32,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ec_dit import input_pipeline, text, train
 from ec_dit.pipeline import TextToImagePipeline

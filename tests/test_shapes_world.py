@@ -51,7 +51,7 @@ def test_training_captions_are_accurate_and_mixed():
     meta = json.loads(ex["metadata"])
     tags[meta["tag"]] = tags.get(meta["tag"], 0) + 1
     found = det.detect(ex["image"])
-    want, got = {}, {}
+    want = {}
     for c in meta["include"]:
       want[c["class"]] = want.get(c["class"], 0) + c["count"]
     assert {k: len(v) for k, v in found.items()} == want, ex["caption"]

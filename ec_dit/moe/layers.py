@@ -123,6 +123,18 @@ class _Router(nnx.Module):
   def __call__(self, router_input_gsd: jax.Array) -> jax.Array:
     return self.proj(router_input_gsd.astype(jnp.float32))
 
+  def route(self, x: jax.Array, router_input: jax.Array, group_size: int):
+    """Groups tokens and router inputs; returns (x_gsd, logits, float32 probs)."""
+    logits = self(_to_groups(router_input, group_size))
+    return _to_groups(x, group_size), logits, routing.router_probabilities(logits)
+
+
+def _run_slots(method: str, x_gsd, slots, experts):
+  """Runs the experts on their slots; returns (y_gsd, experts per token [G, S], usage [E])."""
+  y_gsd = dispatch_lib.dispatch_tokens(method, x_gsd, slots, experts)
+  counts = dispatch_lib.experts_per_token(slots, x_gsd.shape[1])
+  return y_gsd, counts, jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
+
 
 def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape):
   """Diagnostics shared by both routers.
@@ -166,13 +178,9 @@ class ExpertChoiceMoE(nnx.Module):
     return routing.capacity(group_tokens, cf, self.num_experts)
 
   def __call__(self, x: jax.Array, router_input: jax.Array):
-    x_gsd = _to_groups(x, self.group_size)
-    logits = self.router(_to_groups(router_input, self.group_size))
-    probs = routing.router_probabilities(logits)
+    x_gsd, logits, probs = self.router.route(x, router_input, self.group_size)
     slots = routing.expert_choice_slots(probs, self.capacity(x_gsd.shape[1]))
-    y_gsd = dispatch_lib.dispatch_tokens(self.dispatch, x_gsd, slots, self.experts)
-    counts = dispatch_lib.experts_per_token(slots, x_gsd.shape[1])
-    usage = jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
+    y_gsd, counts, usage = _run_slots(self.dispatch, x_gsd, slots, self.experts)
     diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2])
     return y_gsd.reshape(x.shape).astype(x.dtype), diagnostics
 
@@ -214,18 +222,14 @@ class TokenChoiceMoE(nnx.Module):
     return y_gsd, jnp.full((g, s), float(self.k)), group_sizes.astype(jnp.float32)
 
   def __call__(self, x: jax.Array, router_input: jax.Array):
-    x_gsd = _to_groups(x, self.group_size)
-    logits = self.router(_to_groups(router_input, self.group_size))
-    probs = routing.router_probabilities(logits)
+    x_gsd, logits, probs = self.router.route(x, router_input, self.group_size)
     gates_gsk, experts_gsk = routing.token_choice(probs, self.k)
     if self.renormalize_gates:
       gates_gsk = gates_gsk / jnp.sum(gates_gsk, axis=-1, keepdims=True)
     if self.capacity_factor > 0:
       c = routing.capacity(x_gsd.shape[1] * self.k, self.capacity_factor, self.num_experts)
       slots = routing.token_choice_slots(gates_gsk, experts_gsk, self.num_experts, c)
-      y_gsd = dispatch_lib.dispatch_tokens(self.dispatch, x_gsd, slots, self.experts)
-      counts = dispatch_lib.experts_per_token(slots, x_gsd.shape[1])
-      usage = jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
+      y_gsd, counts, usage = _run_slots(self.dispatch, x_gsd, slots, self.experts)
     else:
       y_gsd, counts, usage = self._dropless(x_gsd, gates_gsk, experts_gsk)
     y = y_gsd.reshape(x.shape).astype(x.dtype)
