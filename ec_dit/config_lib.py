@@ -30,6 +30,8 @@ def model_defaults() -> ml_collections.ConfigDict:
       context_dim=4096,       # width of the text features fed to cross-attention
       context_len=120,        # text tokens per prompt (PixArt-alpha's T5 length)
       pooled_text_conditioning=False,  # add the mean text feature to the adaLN conditioning
+      long_skips=False,       # U-ViT long skip connections from the first to the last blocks (ec_dit.dit)
+      prediction="velocity",  # what the network outputs: "velocity" (EC-DiT) or "x0" (JiT); see ec_dit.dit
       dtype="float32",        # compute dtype; parameters stay float32
       remat_policy="none",    # activation checkpointing per block (see ec_dit.dit.REMAT_POLICIES)
       ffn=dict(
@@ -143,7 +145,11 @@ def validate_model(m, prefix: str = "model") -> None:
     _fail(f"{prefix}.mlp_ratio", "> 0", m.mlp_ratio)
   if m.dtype not in DTYPES:
     _fail(f"{prefix}.dtype", f"one of {DTYPES}", m.dtype)
-  from ec_dit.dit import REMAT_POLICIES  # local import: dit imports this module
+  from ec_dit.dit import PREDICTIONS, REMAT_POLICIES  # local import: dit imports this module
+  if not isinstance(m.long_skips, bool):
+    _fail(f"{prefix}.long_skips", "True or False", m.long_skips)
+  if m.prediction not in PREDICTIONS:
+    _fail(f"{prefix}.prediction", f"one of {PREDICTIONS}", m.prediction)
   if m.remat_policy not in REMAT_POLICIES:
     _fail(f"{prefix}.remat_policy", f"one of {tuple(REMAT_POLICIES)}", m.remat_policy)
   p = f"{prefix}.ffn"

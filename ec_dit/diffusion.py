@@ -1,8 +1,10 @@
 """Rectified flow (EC-DiT, DiT-MoE, SD3): training loss and ODE samplers.
 
 Forward process: x_t = (1 - t) * x0 + t * eps, t in [0, 1], t = 1 is pure noise.
-The model predicts the velocity v = eps - x0, so dx/dt = v and sampling
-integrates from t = 1 down to t = 0. Training draws t from a logit-normal
+The model returns the velocity v = eps - x0, so dx/dt = v and sampling
+integrates from t = 1 down to t = 0. (Its network may instead predict the clean
+image, `config.model.prediction = "x0"`; the DiT converts that to the velocity,
+so the loss here is always velocity matching, as in JiT.) Training draws t from a logit-normal
 distribution (t = sigmoid(n), n ~ N(mean, std)), which puts more weight on the
 middle of the path where the velocity is hardest to predict.
 """

@@ -32,6 +32,17 @@ REMAT_POLICIES = {
 }
 
 
+# What the network's last layer predicts. The model always *returns* the velocity
+# eps - x0 (the rectified-flow target), so losses and samplers never change.
+#   velocity: the output is the velocity (EC-DiT, SD3).
+#   x0: the output is the clean image and v = (x_t - x0) / t (JiT, Li & He 2025,
+#       "Back to Basics: Let Denoising Generative Models Denoise"). In pixel space the
+#       clean image is far simpler to produce than the noise-laden velocity, which a
+#       small transformer otherwise has to carry through every block.
+PREDICTIONS = ("velocity", "x0")
+X0_MIN_T = 0.05  # x0 mode: t in the denominator is clipped here (JiT clips alike)
+
+
 class ContextCache(NamedTuple):
   """Text K/V of every cross-attention (and the pooled text), computed once per sampling run."""
   kv: tuple[attention.TextKV, ...]
@@ -88,6 +99,18 @@ class DiTBlock(nnx.Module):
     return x + gate2[:, None] * y, diagnostics
 
 
+def num_long_skips(depth: int) -> int:
+  """U-ViT pairs the first n blocks with the last n, around at least one middle block."""
+  return (depth - 1) // 2
+
+
+def _keep_first_half(key, shape, dtype):
+  """[2d, d] kernel mapping concat(h, skip) -> h: the skip starts switched off."""
+  del key
+  d = shape[1]
+  return jnp.concatenate([jnp.eye(d, dtype=dtype), jnp.zeros((shape[0] - d, d), dtype)])
+
+
 class FinalLayer(nnx.Module):
   """adaLN + zero-initialised linear to p*p*C values per token."""
 
@@ -124,6 +147,13 @@ class DiT(nnx.Module):
     self.pooled_embed = (nn.Linear(d, d, ("embed", "mlp"), rngs=rngs, dtype=dtype)
                          if m.pooled_text_conditioning else None)
     self.blocks = nnx.List([DiTBlock(i, m, rngs=rngs, dtype=dtype) for i in range(m.depth)])
+    # Optional U-ViT long skips (Bao et al. 2023): the outputs of the first n blocks are
+    # concatenated, in reverse order, to the inputs of the last n and projected back to d.
+    # They carry fine spatial detail past the middle of the network, which speeds up
+    # pixel-space training. Initialised so that the model starts as the plain DiT.
+    self.skip_proj = (nnx.List([nn.Linear(2 * d, d, ("mlp", "embed"), kernel_init=_keep_first_half,
+                                          rngs=rngs, dtype=dtype) for _ in range(num_long_skips(m.depth))])
+                      if m.long_skips else None)
     self.final = FinalLayer(d, m.patch_size, m.in_channels, rngs=rngs, dtype=dtype)
     self.dtype = dtype
 
@@ -155,15 +185,23 @@ class DiT(nnx.Module):
       c = c + self.pooled_embed(jax.nn.silu(context_cache.pooled))
     policy = REMAT_POLICIES[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
+    skips, n_skip = [], (len(self.skip_proj) if self.skip_proj is not None else 0)
     for i, (block, kv) in enumerate(zip(self.blocks, context_cache.kv)):
+      if i >= m.depth - n_skip:
+        h = self.skip_proj[i - (m.depth - n_skip)](jnp.concatenate([h, skips.pop()], axis=-1))
       if policy is not None:
         h, diagnostics = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, h, c, kv, context_cache.mask)
       else:
         h, diagnostics = block(h, c, kv, context_cache.mask)
+      if i < n_skip:
+        skips.append(h)
       if diagnostics:
         moe[f"layer_{i:02d}"] = diagnostics
         aux_loss = aux_loss + m.ffn.router_z_loss_coef * diagnostics["router_z_loss"]
         if "balance_loss" in diagnostics:
           aux_loss = aux_loss + m.ffn.balance_loss_coef * diagnostics["balance_loss"]
-    out = embeddings.unpatchify(self.final(h, c), m.patch_size, height, width, channels)
-    return out.astype(jnp.float32), {"aux_loss": aux_loss, "moe": moe}
+    out = embeddings.unpatchify(self.final(h, c), m.patch_size, height, width, channels).astype(jnp.float32)
+    if m.prediction == "x0":
+      t_safe = jnp.maximum(t.astype(jnp.float32), X0_MIN_T)[:, None, None, None]
+      out = (x.astype(jnp.float32) - out) / t_safe
+    return out, {"aux_loss": aux_loss, "moe": moe}

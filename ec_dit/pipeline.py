@@ -23,12 +23,28 @@ from ec_dit import diffusion, model as model_lib, text
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`workdir/config.json`)."""
+  """The config a run was trained with (`workdir/config.json`).
+
+  Keys added to the schema after the run was saved take their defaults, so runs
+  from older versions still load (a new default never changes an old model's
+  behaviour).
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+
+  def fill(saved: dict, defaults: dict) -> dict:
+    for key, value in defaults.items():
+      if key not in saved:
+        saved[key] = value
+      elif isinstance(value, dict) and isinstance(saved[key], dict):
+        fill(saved[key], value)
+    return saved
+
+  from ec_dit import config_lib
+  return ml_collections.ConfigDict(fill(saved, config_lib.base_config().to_dict()))
 
 
 class TextToImagePipeline:

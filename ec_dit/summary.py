@@ -67,6 +67,8 @@ def flops_per_image(m) -> int:
       total += n * _ffn_pairs_per_token(f) * mlp
       if f.kind == "token_choice":
         total += n * f.num_shared_experts * mlp
+  if m.long_skips:
+    total += dit.num_long_skips(m.depth) * 2 * n * 2 * d * d         # U-ViT skip projections
   total += 2 * d * 2 * d + 2 * n * d * patch_dim                    # final layer
   return int(total)
 

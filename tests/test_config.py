@@ -56,6 +56,7 @@ from contextlib import nullcontext  # noqa: E402
     ("model.ffn.dispatch", "magic", r"config\.model\.ffn\.dispatch: must be one of"),
     ("model.ffn.routing_group_size", 100, r"config\.model\.ffn\.routing_group_size"),
     ("model.dtype", "float16", r"config\.model\.dtype: must be one of"),
+    ("model.prediction", "eps", r"config\.model\.prediction: must be one of \('velocity', 'x0'\)"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
   config = load_config("ec_dit_tiny")
@@ -126,3 +127,16 @@ def test_cli_rejects_bad_override_before_building():
                         "--config.model.ffn.kind=switch"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "config.model.ffn.kind: must be one of" in out.stderr
+
+
+def test_run_config_from_an_older_version_gets_new_keys_as_defaults(tmp_path):
+  """A run saved before a key existed still loads: the key takes its default."""
+  from ec_dit import pipeline
+  saved = load_config("ec_dit_tiny").to_dict()
+  del saved["model"]["prediction"]
+  saved["sample"]["prompts"] = ["a photo of a red circle"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = pipeline.load_run_config(str(tmp_path))
+  assert config.model.prediction == config_lib.base_config().model.prediction
+  assert list(config.sample.prompts) == ["a photo of a red circle"]  # saved values win
+  config_lib.validate(config)

@@ -71,7 +71,9 @@ def test_forward_shapes_diagnostics_and_zero_init(variant):
   x, t, ctx, mask = _batch(m)
   v, aux = model(x, t, ctx, mask)
   assert v.shape == x.shape and v.dtype == jnp.float32
-  np.testing.assert_array_equal(v, 0.0)  # adaLN-Zero + zero final layer
+  # adaLN-Zero + zero final layer: the network outputs 0 (velocity 0, or x0 = 0 so v = x_t / t).
+  expected = 0.0 if m.prediction == "velocity" else x / np.maximum(t, dit.X0_MIN_T)[:, None, None, None]
+  np.testing.assert_allclose(v, expected, rtol=1e-6)
   if variant == "dense":
     assert aux["moe"] == {}
   else:
@@ -154,3 +156,39 @@ def test_bfloat16_compute_option():
   v, aux = model(x, t, ctx, mask)
   assert v.dtype == jnp.float32 and np.all(np.isfinite(v))
   assert all(p[...].dtype == jnp.float32 for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def test_x0_prediction_returns_the_velocity_of_the_predicted_image():
+  """prediction="x0": the network's output is the clean image; the model returns
+  v = (x_t - x0_hat) / max(t, X0_MIN_T), so x_t - t * v recovers x0_hat for t >= X0_MIN_T."""
+  m = micro_config().model
+  x, t, ctx, mask = _batch(m)
+  t = jnp.array([0.5, 0.01])
+  m.prediction = "velocity"
+  velocity_model = _randomize(dit.DiT(m, rngs=nnx.Rngs(0)))
+  m.prediction = "x0"
+  x0_model = nnx.merge(nnx.graphdef(dit.DiT(m, rngs=nnx.Rngs(0))), nnx.state(velocity_model))
+  raw, _ = velocity_model(x, t, ctx, mask)  # same weights: the raw network output
+  v, _ = x0_model(x, t, ctx, mask)
+  t_safe = np.maximum(np.asarray(t), dit.X0_MIN_T)[:, None, None, None]
+  np.testing.assert_allclose(v, (np.asarray(x) - np.asarray(raw)) / t_safe, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(x)[0] - 0.5 * np.asarray(v)[0], np.asarray(raw)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_long_skips_start_as_the_plain_dit_and_learn():
+  """U-ViT long skips: block i < n feeds block depth-1-i; at init the model equals the plain DiT."""
+  m = micro_config().model
+  m.depth = 5
+  assert dit.num_long_skips(5) == 2
+  plain = _randomize(dit.DiT(m, rngs=nnx.Rngs(0)))
+  m.long_skips = True
+  skipped = dit.DiT(m, rngs=nnx.Rngs(0))
+  nnx.update(skipped, nnx.state(plain))  # shared weights; skip projections keep their init
+  x, t, ctx, mask = _batch(m)
+  np.testing.assert_allclose(skipped(x, t, ctx, mask)[0], plain(x, t, ctx, mask)[0], rtol=1e-5, atol=1e-6)
+
+  def loss(model):
+    return jnp.mean(jnp.square(model(x, t, ctx, mask)[0] - 1.0))
+  grads = nnx.grad(loss)(skipped)
+  for k in range(dit.num_long_skips(m.depth)):
+    assert float(jnp.abs(grads.skip_proj[k].kernel[...][m.hidden_size:]).sum()) > 0  # the skip half learns

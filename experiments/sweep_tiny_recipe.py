@@ -1,0 +1,99 @@
+"""Recipe sweep for the embedded default: train short runs, score each on ShapesWorld GenEval.
+
+Each variant is the tiny config (`configs/ec_dit_tiny.py`) with a few fields
+changed, trained for `--steps` steps and scored with `--images` images per prompt
+of the ShapesWorld GenEval-style set. Runs go one after another (two CPU cores
+cannot run two fairly), each in its own process so compile caches and memory
+start clean. This is how the tiny recipe was chosen; the README quotes its table.
+
+Usage
+  python experiments/sweep_tiny_recipe.py --workdir=/tmp/sweep              # the README's sweep
+  python experiments/sweep_tiny_recipe.py --workdir=/tmp/sweep --steps=500 \\
+      --variant 'lr3e-3=learning_rate=3e-3' --variant 'b64=batch_size=64'
+
+A variant is `NAME=FIELD=VALUE[,FIELD=VALUE...]` with config fields as on the
+command line (`model.depth=4`). Output: a table, then one JSON line per variant
+starting with {"benchmark": "sweep_tiny_recipe".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The sweep behind the tiny recipe (the default is prediction=x0 since this sweep).
+DEFAULT_VARIANTS = (
+    "velocity=model.prediction=velocity",
+    "x0=model.prediction=x0",
+    "x0_lr2e-3=model.prediction=x0,learning_rate=2e-3",
+    "x0_ema0.99=model.prediction=x0,ema_decay=0.99",
+    "x0_tmean+0.5=model.prediction=x0,diffusion.t_mean=0.5",
+    "x0_tmean-0.5=model.prediction=x0,diffusion.t_mean=-0.5",
+)
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+  name, _, fields = spec.partition("=")
+  if not name or not fields:
+    raise SystemExit(f"--variant must be NAME=FIELD=VALUE[,FIELD=VALUE...], got {spec!r}")
+  flags = []
+  for item in fields.split(","):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--variant {name}: {item!r} is not FIELD=VALUE")
+    flags.append(f"--config.{key}={value}")
+  return name, flags
+
+
+def run(name: str, flags: list[str], args) -> dict:
+  workdir = os.path.join(args.workdir, name)
+  common = [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'configs' / 'ec_dit_tiny.py'}",
+            f"--workdir={workdir}", *flags]
+  t0 = time.time()
+  subprocess.run(common + ["--mode=train", f"--config.num_train_steps={args.steps}",
+                           f"--config.checkpoint_every_steps={args.steps}",
+                           f"--config.eval_every_steps={10 * args.steps}"],
+                 check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  t1 = time.time()
+  subprocess.run(common + ["--mode=evaluate", f"--config.geneval.images_per_prompt={args.images}"],
+                 check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  with open(os.path.join(workdir, "geneval", "summary.json")) as f:
+    scores = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [json.loads(line)["loss"] for line in f]
+  tail = losses[-5:]
+  return {"benchmark": "sweep_tiny_recipe", "variant": name, "overrides": flags, "steps": args.steps,
+          "images_per_prompt": args.images, "train_seconds": round(t1 - t0, 1),
+          "final_loss": round(sum(tail) / len(tail), 4), **{k: scores[k] for k in ("overall", *TASKS)}}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="one run directory per variant is made here")
+  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--images", type=int, default=2, help="images per prompt when scoring")
+  parser.add_argument("--variant", action="append", help="NAME=FIELD=VALUE[,FIELD=VALUE...] (repeatable)")
+  args = parser.parse_args()
+  variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+  results = []
+  for name, flags in variants:
+    print(f"[{len(results) + 1}/{len(variants)}] {name}: {' '.join(flags)}", flush=True)
+    results.append(run(name, flags, args))
+  print(f"\n{'variant':<16} {'overall':>8} " + " ".join(f"{t[:8]:>8}" for t in TASKS) + f" {'loss':>7}")
+  for r in results:
+    print(f"{r['variant']:<16} {r['overall']:>8.1%} " + " ".join(f"{r[t]:>8.1%}" for t in TASKS)
+          + f" {r['final_loss']:>7.4f}")
+  for r in results:
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+  main()
