@@ -36,6 +36,9 @@ DEFAULT_VARIANTS = (
     "x0_ema0.99=model.prediction=x0,ema_decay=0.99",
     "x0_tmean+0.5=model.prediction=x0,diffusion.t_mean=0.5",
     "x0_tmean-0.5=model.prediction=x0,diffusion.t_mean=-0.5",
+    "x0_batch16=model.prediction=x0,batch_size=16,num_train_steps=3000",
+    "x0_depth4=model.prediction=x0,model.depth=4,num_train_steps=2130",
+    "x0_long_skips=model.prediction=x0,model.long_skips=True",
 )
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -55,22 +58,24 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 def run(name: str, flags: list[str], args) -> dict:
   workdir = os.path.join(args.workdir, name)
+  steps = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--config.num_train_steps=")), args.steps)
   common = [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'configs' / 'ec_dit_tiny.py'}",
-            f"--workdir={workdir}", *flags]
+            f"--workdir={workdir}"]
   t0 = time.time()
-  subprocess.run(common + ["--mode=train", f"--config.num_train_steps={args.steps}",
-                           f"--config.checkpoint_every_steps={args.steps}",
-                           f"--config.eval_every_steps={10 * args.steps}"],
+  # The variant's own fields come last, so they win (e.g. its own num_train_steps).
+  subprocess.run(common + ["--mode=train", f"--config.num_train_steps={steps}",
+                           f"--config.checkpoint_every_steps={steps}",
+                           f"--config.eval_every_steps={10 * steps}", *flags],
                  check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   t1 = time.time()
-  subprocess.run(common + ["--mode=evaluate", f"--config.geneval.images_per_prompt={args.images}"],
+  subprocess.run(common + ["--mode=evaluate", f"--config.geneval.images_per_prompt={args.images}", *flags],
                  check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   with open(os.path.join(workdir, "geneval", "summary.json")) as f:
     scores = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f]
   tail = losses[-5:]
-  return {"benchmark": "sweep_tiny_recipe", "variant": name, "overrides": flags, "steps": args.steps,
+  return {"benchmark": "sweep_tiny_recipe", "variant": name, "overrides": flags, "steps": steps,
           "images_per_prompt": args.images, "train_seconds": round(t1 - t0, 1),
           "final_loss": round(sum(tail) / len(tail), 4), **{k: scores[k] for k in ("overall", *TASKS)}}
 
