@@ -34,17 +34,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
   with open(path) as f:
     saved = json.load(f)
-
-  def fill(saved: dict, defaults: dict) -> dict:
-    for key, value in defaults.items():
-      if key not in saved:
-        saved[key] = value
-      elif isinstance(value, dict) and isinstance(saved[key], dict):
-        fill(saved[key], value)
-    return saved
-
   from ec_dit import config_lib
-  return ml_collections.ConfigDict(fill(saved, config_lib.base_config().to_dict()))
+  return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config().to_dict()))
+
+
+def _fill_defaults(saved: dict, defaults: dict) -> dict:
+  """Adds the keys of `defaults` missing from `saved`, recursively; saved values win."""
+  for key, value in defaults.items():
+    if key not in saved:
+      saved[key] = value
+    elif isinstance(value, dict) and isinstance(saved[key], dict):
+      _fill_defaults(saved[key], value)
+  return saved
 
 
 class TextToImagePipeline:

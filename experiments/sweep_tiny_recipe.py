@@ -58,18 +58,25 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 def run(name: str, flags: list[str], args) -> dict:
   workdir = os.path.join(args.workdir, name)
+  if os.path.exists(workdir):  # a run there would resume, not start fresh; never delete it
+    raise SystemExit(f"{workdir} exists: pass a new --workdir or remove it")
+  os.makedirs(workdir)
+  log_path = workdir + ".log"  # both processes' output, for when a run fails
   steps = next((int(f.split("=", 1)[1]) for f in flags if f.startswith("--config.num_train_steps=")), args.steps)
   common = [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'configs' / 'ec_dit_tiny.py'}",
             f"--workdir={workdir}"]
+
+  def call(extra):
+    with open(log_path, "a") as log:
+      if subprocess.run(common + extra, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode:
+        raise SystemExit(f"variant {name} failed; see {log_path}")
+
   t0 = time.time()
   # The variant's own fields come last, so they win (e.g. its own num_train_steps).
-  subprocess.run(common + ["--mode=train", f"--config.num_train_steps={steps}",
-                           f"--config.checkpoint_every_steps={steps}",
-                           f"--config.eval_every_steps={10 * steps}", *flags],
-                 check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  call(["--mode=train", f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={steps}",
+        f"--config.eval_every_steps={10 * steps}", *flags])
   t1 = time.time()
-  subprocess.run(common + ["--mode=evaluate", f"--config.geneval.images_per_prompt={args.images}", *flags],
-                 check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  call(["--mode=evaluate", f"--config.geneval.images_per_prompt={args.images}", *flags])
   with open(os.path.join(workdir, "geneval", "summary.json")) as f:
     scores = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
