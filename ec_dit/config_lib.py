@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 3
-  config.eval_every_steps = 5000
+  config.eval_every_steps = 5000     # sample grids; 0 = none
   config.diffusion = ml_collections.ConfigDict(dict(
       t_mean=0.0, t_std=1.0,   # logit-normal timesteps
       uncond_prob=0.1,         # text dropped for classifier-free guidance
@@ -190,8 +190,84 @@ def validate(config) -> None:
   _check_keys(config, base_config())
   _check_missing(config, base_config())
   validate_model(config.model)
-  from ec_dit import sharding
+  validate_training(config)
+  from ec_dit import input_pipeline, sharding
+  input_pipeline.validate_input(config.input)
   sharding.validate_mesh(config.mesh)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(config, name: str, low: int, prefix: str = "") -> None:
+  if not _is_int(config[name]) or config[name] < low:
+    _fail(prefix + name, f"an integer >= {low}", config[name])
+
+
+def _check_range(config, name: str, low: float, high: float, prefix: str = "", *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+  """A number in the interval [low, high] (either end open on request)."""
+  v = config[name]
+  ok = _is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  if not ok:
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _fail(prefix + name, f"a number in {interval}", v)
+
+
+def validate_training(config) -> None:
+  """Checks the training, text, diffusion, sampling and GenEval fields; raises ValueError
+  naming the first bad field (before anything is built, so a typo in a sampler name
+  does not surface only after a whole training run)."""
+  inf = float("inf")
+  _check_int(config, "num_train_steps", 0)
+  _check_int(config, "seed", 0)
+  for name in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _check_int(config, name, 1)
+  _check_int(config, "warmup_steps", 0)
+  _check_int(config, "eval_every_steps", 0)  # 0: no sample grids during training
+  _check_range(config, "learning_rate", 0.0, inf, low_open=True)
+  _check_range(config, "weight_decay", 0.0, inf)
+  _check_range(config, "adam_b1", 0.0, 1.0, high_open=True)
+  _check_range(config, "adam_b2", 0.0, 1.0, high_open=True)
+  _check_range(config, "grad_clip_norm", 0.0, inf, low_open=True)
+  _check_range(config, "ema_decay", 0.0, 1.0)
+
+  from ec_dit import text  # local imports, as in validate_model: avoids import cycles
+  if config.text.tokenizer not in text.TOKENIZERS:
+    _fail("text.tokenizer", f"one of {text.TOKENIZERS}", config.text.tokenizer)
+  _check_int(config.text, "vocab_size", 2, "text.")
+  _check_int(config.text, "depth", 0, "text.")
+  _check_int(config.text, "num_heads", 1, "text.")
+  if config.model.context_dim % config.text.num_heads:
+    _fail("text.num_heads", f"a divisor of model.context_dim={config.model.context_dim}", config.text.num_heads)
+
+  d = config.diffusion
+  _check_range(d, "t_mean", -inf, inf, "diffusion.", low_open=True, high_open=True)
+  _check_range(d, "t_std", 0.0, inf, "diffusion.", low_open=True)
+  _check_range(d, "uncond_prob", 0.0, 1.0, "diffusion.", high_open=True)
+
+  from ec_dit import diffusion
+  s = config.sample
+  if s.sampler not in diffusion.SAMPLERS:
+    _fail("sample.sampler", f"one of {diffusion.SAMPLERS}", s.sampler)
+  _check_int(s, "num_steps", 1, "sample.")
+  _check_int(s, "seed", 0, "sample.")
+  _check_range(s, "guidance_scale", 0.0, inf, "sample.")
+  if isinstance(s.prompts, str) or not all(isinstance(p, str) for p in s.prompts):
+    _fail("sample.prompts", "a list of strings", s.prompts)
+
+  from ec_dit.geneval import prompts as prompts_lib
+  g = config.geneval
+  if g.domain not in prompts_lib.DOMAINS:
+    _fail("geneval.domain", f"one of {tuple(prompts_lib.DOMAINS)}", g.domain)
+  for name in ("per_task", "images_per_prompt", "batch_size"):
+    _check_int(g, name, 1, "geneval.")
+  _check_int(g, "prompt_seed", 0, "geneval.")
 
 
 def _check_missing(config, schema, prefix=""):

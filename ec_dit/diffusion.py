@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ec_dit import dit as dit_lib
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "ancestral")
 
 
 def sample_timesteps(key: jax.Array, batch: int, mean: float = 0.0, std: float = 1.0) -> jax.Array:
@@ -86,7 +86,7 @@ def _uncached_velocity(model, tokens, mask, guidance_scale):
 
 def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_shape, num_steps: int = 32,
            guidance_scale: float = 1.0, sampler: str = "euler", cache_text: bool = True) -> jax.Array:
-  """Generates images in [-1, 1] (float32 [B, H, W, C]) by integrating the ODE from t=1 to 0.
+  """Generates images in [-1, 1] (float32 [B, H, W, C]) by stepping from t=1 (noise) to t=0.
 
   Args:
     model: a `TextToImage` in eval mode.
@@ -94,9 +94,10 @@ def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_s
     key: a PRNG key, or one key per image ([B] keys) so that each image's noise
       does not depend on the batch it is generated in. Deterministic given keys.
     image_shape: (H, W, C).
-    num_steps: ODE steps (Heun uses 2 model evaluations per step but the last).
+    num_steps: steps from t=1 to 0 (Heun uses 2 model evaluations per step but the last).
     guidance_scale: classifier-free guidance; 1.0 disables it.
-    sampler: "euler" or "heun".
+    sampler: "euler" or "heun" (the ODE), or "ancestral": DDPM-style stochastic
+      steps that re-draw part of the noise at every step (`ancestral_step`).
     cache_text: compute the text K/V once per run (Nucleus-Image) instead of every step.
   """
   if sampler not in SAMPLERS:
@@ -105,10 +106,13 @@ def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_s
     velocity = _guided_velocity(model, model.encode_prompt(tokens, mask), guidance_scale)
   else:
     velocity = _uncached_velocity(model, tokens, mask, guidance_scale)
-  if key.ndim == 0:
-    x = jax.random.normal(key, (tokens.shape[0],) + tuple(image_shape), jnp.float32)
-  else:
-    x = jax.vmap(lambda k: jax.random.normal(k, tuple(image_shape), jnp.float32))(key)
+
+  def normal(k):  # one draw per image when keys are per image, so batching never changes an image
+    if k.ndim == 0:
+      return jax.random.normal(k, (tokens.shape[0],) + tuple(image_shape), jnp.float32)
+    return jax.vmap(lambda ki: jax.random.normal(ki, tuple(image_shape), jnp.float32))(k)
+
+  x = normal(key)
   ts = jnp.linspace(1.0, 0.0, num_steps + 1)
 
   def euler_step(x, i):
@@ -120,12 +124,36 @@ def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_s
     v2 = velocity(x + dt * v1, ts[i + 1])
     return x + dt * 0.5 * (v1 + v2), None
 
+  def ancestral(x, i):
+    step_key = jax.vmap(jax.random.fold_in, (0, None))(key, i) if key.ndim else jax.random.fold_in(key, i)
+    return ancestral_step(x, velocity(x, ts[i]), ts[i], ts[i + 1], normal(step_key)), None
+
   if sampler == "euler":
     x, _ = jax.lax.scan(euler_step, x, jnp.arange(num_steps))
+  elif sampler == "ancestral":
+    x, _ = jax.lax.scan(ancestral, x, jnp.arange(num_steps))
   else:  # Heun on every step but the last, which ends at t = 0 with an Euler step (as in EDM)
     x, _ = jax.lax.scan(heun_step, x, jnp.arange(num_steps - 1))
     x, _ = euler_step(x, num_steps - 1)
   return x
+
+
+def ancestral_step(x: jax.Array, v: jax.Array, t, s, z: jax.Array) -> jax.Array:
+  """One stochastic step from time t to s < t: a draw from the DDPM posterior q(x_s | x_t, x0).
+
+  With alpha = 1 - t and sigma = t, the velocity gives the clean image and the noise,
+  x0 = x - t v and eps = x + (1 - t) v. The posterior puts x_s at
+  alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with c^2 = sigma_s^2 (1 - snr_t / snr_s):
+  part of the predicted noise is replaced by fresh noise z, so errors made at one
+  step are partly forgotten at the next (DDIM, Song et al. 2021, with eta = 1).
+  With c = 0 this would be exactly the Euler step. At s = 0 it returns x0.
+  """
+  x0, eps = x - t * v, x + (1.0 - t) * v
+  alpha_t, alpha_s = 1.0 - t, 1.0 - s
+  # snr_t / snr_s = (alpha_t s / (t alpha_s))^2, in [0, 1) for s < t; t = 1 gives 0 (pure noise)
+  ratio = jnp.square(alpha_t * s / (t * alpha_s))
+  c = s * jnp.sqrt(jnp.clip(1.0 - ratio, 0.0, 1.0))
+  return alpha_s * x0 + jnp.sqrt(jnp.maximum(s * s - c * c, 0.0)) * eps + c * z
 
 
 def to_uint8(images: jax.Array):

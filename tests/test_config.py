@@ -57,12 +57,39 @@ from contextlib import nullcontext  # noqa: E402
     ("model.ffn.routing_group_size", 100, r"config\.model\.ffn\.routing_group_size"),
     ("model.dtype", "float16", r"config\.model\.dtype: must be one of"),
     ("model.prediction", "eps", r"config\.model\.prediction: must be one of \('velocity', 'x0'\)"),
+    # training, text, diffusion, sampling and GenEval fields fail before anything is built
+    ("num_train_steps", -5, r"config\.num_train_steps: must be an integer >= 0, got -5"),
+    ("batch_size", 0, r"config\.batch_size: must be an integer >= 1"),
+    ("learning_rate", -1e-3, r"config\.learning_rate: must be a number in \(0\.0, inf\]"),
+    ("adam_b2", 1.0, r"config\.adam_b2: must be a number in \[0\.0, 1\.0\)"),
+    ("ema_decay", 1.5, r"config\.ema_decay: must be a number in \[0\.0, 1\.0\]"),
+    ("eval_every_steps", -1, r"config\.eval_every_steps: must be an integer >= 0"),
+    ("text.tokenizer", "bpe", r"config\.text\.tokenizer: must be one of \('words', 'bytes'\)"),
+    ("text.num_heads", 3, r"config\.text\.num_heads: must be a divisor of model\.context_dim=128"),
+    ("diffusion.uncond_prob", 1.0, r"config\.diffusion\.uncond_prob: must be a number in \[0\.0, 1\.0\)"),
+    ("diffusion.t_std", 0.0, r"config\.diffusion\.t_std: must be a number in \(0\.0, inf\]"),
+    ("sample.sampler", "dpm", r"config\.sample\.sampler: must be one of \('euler', 'heun', 'ancestral'\)"),
+    ("sample.num_steps", 0, r"config\.sample\.num_steps: must be an integer >= 1"),
+    ("sample.prompts", ("a red circle", 3), r"config\.sample\.prompts: must be a list of strings"),
+    ("geneval.domain", "imagenet", r"config\.geneval\.domain: must be one of \('shapes', 'coco'\)"),
+    ("geneval.images_per_prompt", 0, r"config\.geneval\.images_per_prompt: must be an integer >= 1"),
+    ("input.image_size", 4, r"config\.input\.image_size"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
   config = load_config("ec_dit_tiny")
   _set(config, field, value)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
+
+
+def test_cli_rejects_bad_sampler_before_training(tmp_path):
+  """A typo in a sampling field fails at start-up, not after the whole training run."""
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_tiny.py",
+                        f"--workdir={tmp_path / 'run'}", "--config.sample.sampler=dpm"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "config.sample.sampler: must be one of ('euler', 'heun', 'ancestral'), got 'dpm'" in out.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_top_k_larger_than_experts():

@@ -60,7 +60,7 @@ def _trained_looking_model(config):
   return model
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ancestral"])
 def test_cached_and_uncached_text_kv_sampling_agree(sampler):
   config = train_config()
   model = _trained_looking_model(config)
@@ -73,8 +73,10 @@ def test_cached_and_uncached_text_kv_sampling_agree(sampler):
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_pipeline_is_deterministic_and_independent_of_batching():
+@pytest.mark.parametrize("sampler", ["euler", "ancestral"])
+def test_pipeline_is_deterministic_and_independent_of_batching(sampler):
   config = train_config()
+  config.sample.sampler = sampler
   model = _trained_looking_model(config)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   prompts = ["a photo of a red circle", "a photo of a blue square", "a photo of three triangles"]
@@ -107,7 +109,35 @@ def test_samplers_integrate_a_known_flow_to_its_data_point():
       return (x - x0) / t.reshape(-1, 1, 1, 1), {}
 
   tokens, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool)
-  for sampler in ("euler", "heun"):
+  for sampler in diffusion.SAMPLERS:
     out = diffusion.sample(PointMassModel(), tokens, mask, jax.random.key(0), image_shape=(2, 2, 1),
                            num_steps=4, sampler=sampler)
     np.testing.assert_allclose(out, x0, atol=1e-5)
+
+
+def test_ancestral_steps_sample_a_gaussian_with_its_variance():
+  """Data N(0, s0^2): the exact velocity is linear in x. Ancestral steps from noise must
+  return samples with standard deviation s0 (a wrong mix of predicted and fresh noise
+  inflates or shrinks it), and, unlike the ODE, forget most of their starting noise."""
+  s0, n, steps = 0.5, 40000, 200
+
+  def velocity(x, t):  # v = (x - E[x0 | x_t]) / t for Gaussian data
+    shrink = (1 - t) * s0 ** 2 / ((1 - t) ** 2 * s0 ** 2 + t ** 2)
+    return (x - shrink * x) / t
+
+  ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+  def ancestral(x, i):
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), x.shape)
+    return diffusion.ancestral_step(x, velocity(x, ts[i]), ts[i], ts[i + 1], z), None
+
+  def euler(x, i):
+    return x + (ts[i + 1] - ts[i]) * velocity(x, ts[i]), None
+
+  start = jax.random.normal(jax.random.key(0), (n,))
+  x, _ = jax.lax.scan(ancestral, start, jnp.arange(steps))
+  ode, _ = jax.lax.scan(euler, start, jnp.arange(steps))
+  assert abs(float(jnp.std(x)) - s0) < 0.02 and abs(float(jnp.mean(x))) < 0.02
+  assert abs(float(jnp.std(ode)) - s0) < 0.02
+  corr = float(jnp.corrcoef(x, ode)[0, 1])
+  assert corr < 0.5, corr
