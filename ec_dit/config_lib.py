@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(dict(
       t_mean=0.0, t_std=1.0,   # logit-normal timesteps
       uncond_prob=0.1,         # text dropped for classifier-free guidance
+      loss_t_min=0.0,          # > 0: velocity-loss weight min(1, (t/loss_t_min)^2) (diffusion.loss_weight)
   ))
   config.sample = ml_collections.ConfigDict(dict(
       sampler="euler", num_steps=32, guidance_scale=4.0, seed=0,
@@ -250,6 +251,7 @@ def validate_training(config) -> None:
   _check_range(d, "t_mean", -inf, inf, "diffusion.", low_open=True, high_open=True)
   _check_range(d, "t_std", 0.0, inf, "diffusion.", low_open=True)
   _check_range(d, "uncond_prob", 0.0, 1.0, "diffusion.", high_open=True)
+  _check_range(d, "loss_t_min", 0.0, 1.0, "diffusion.")
 
   from ec_dit import diffusion
   s = config.sample

@@ -110,7 +110,8 @@ def make_train_step(config, graphdef, tx, mesh=None):
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       return diffusion.rectified_flow_loss(model, batch["image"], batch["tokens"], batch["mask"], key,
-                                           t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob)
+                                           t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
+                                           loss_t_min=d.loss_t_min)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -68,6 +68,7 @@ from contextlib import nullcontext  # noqa: E402
     ("text.num_heads", 3, r"config\.text\.num_heads: must be a divisor of model\.context_dim=128"),
     ("diffusion.uncond_prob", 1.0, r"config\.diffusion\.uncond_prob: must be a number in \[0\.0, 1\.0\)"),
     ("diffusion.t_std", 0.0, r"config\.diffusion\.t_std: must be a number in \(0\.0, inf\]"),
+    ("diffusion.loss_t_min", 1.5, r"config\.diffusion\.loss_t_min: must be a number in \[0\.0, 1\.0\]"),
     ("sample.sampler", "dpm", r"config\.sample\.sampler: must be one of \('euler', 'heun', 'ancestral'\)"),
     ("sample.num_steps", 0, r"config\.sample\.num_steps: must be an integer >= 1"),
     ("sample.prompts", ("a red circle", 3), r"config\.sample\.prompts: must be a list of strings"),

@@ -49,6 +49,25 @@ def test_logit_normal_timesteps_and_interpolation():
   np.testing.assert_allclose(xt[0], x0[0]) and np.testing.assert_allclose(xt[1], eps[1])
 
 
+def test_loss_weight_caps_the_near_clean_examples():
+  """loss_t_min = 0 is velocity matching; 1 is the clean-image MSE of an x0-predicting net."""
+  images = jax.random.normal(jax.random.key(0), (64, 4, 4, 3))
+  x0_hat = images + 0.1 * jax.random.normal(jax.random.key(1), images.shape)
+
+  def x0_model(x_t, t, tokens, mask):  # predicts x0_hat and returns its velocity, as the DiT does
+    return (x_t - x0_hat) / t[:, None, None, None], {"aux_loss": jnp.zeros(())}
+
+  tokens, mask = jnp.zeros((64, 4), jnp.int32), jnp.ones((64, 4), bool)
+  key = jax.random.key(2)
+  loss = lambda t_min: diffusion.rectified_flow_loss(x0_model, images, tokens, mask, key, loss_t_min=t_min)[0]
+  t = diffusion.sample_timesteps(jax.random.split(key, 3)[0], 64)
+  per_example_x0 = jnp.mean(jnp.square(x0_hat - images), axis=(1, 2, 3))
+  np.testing.assert_allclose(loss(0.0), jnp.mean(per_example_x0 / t ** 2), rtol=1e-5)
+  np.testing.assert_allclose(loss(1.0), jnp.mean(per_example_x0), rtol=1e-5)
+  np.testing.assert_allclose(loss(0.3), jnp.mean(per_example_x0 / jnp.maximum(t, 0.3) ** 2), rtol=1e-5)
+  np.testing.assert_array_equal(diffusion.loss_weight(jnp.array([0.1, 0.5, 0.9]), 0.0), 1.0)
+
+
 def _trained_looking_model(config):
   model = model_lib.TextToImage(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
