@@ -7,6 +7,7 @@ raises a ValueError naming the field and what is allowed.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import ml_collections
@@ -197,16 +198,17 @@ def validate(config) -> None:
   sharding.validate_mesh(config.mesh)
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v) -> bool:
+  """An integer (Python or numpy), not a bool: the check every config validator uses."""
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check_int(config, name: str, low: int, prefix: str = "") -> None:
-  if not _is_int(config[name]) or config[name] < low:
+  if not is_int(config[name]) or config[name] < low:
     _fail(prefix + name, f"an integer >= {low}", config[name])
 
 

@@ -59,6 +59,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ec_dit.config_lib import is_int
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
 SOURCE_FORMS = ('"shapes_world"', '"tfds:NAME[/CONFIG][:VERSION][:SPLIT]"', '"folder:PATH"', '"jsonl:PATH"')
@@ -113,9 +115,6 @@ def _fail(field: str, allowed: str, got: Any):
   raise ValueError(f"config.input.{field}: must be {allowed}, got {got!r}")
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
 
 def parse_source(source: str) -> tuple[str, Any]:
   """Splits ``config.input.source`` into ``(kind, detail)``.
@@ -157,18 +156,18 @@ def validate_input(input_config) -> None:
     if key not in schema:
       raise ValueError(f"config.input.{key}: unknown key; allowed keys here are {sorted(schema.keys())}")
   c = ml_collections.ConfigDict(dict(schema.to_dict(), **dict(input_config.items())))
-  if not _is_int(c.image_size) or c.image_size < MIN_IMAGE_SIZE:
+  if not is_int(c.image_size) or c.image_size < MIN_IMAGE_SIZE:
     _fail("image_size", f"an integer >= {MIN_IMAGE_SIZE}", c.image_size)
-  if not _is_int(c.num_examples) or c.num_examples < 1:
+  if not is_int(c.num_examples) or c.num_examples < 1:
     _fail("num_examples", "a positive integer", c.num_examples)
-  if not _is_int(c.data_seed) or not 0 <= c.data_seed < 2**32:
+  if not is_int(c.data_seed) or not 0 <= c.data_seed < 2**32:
     _fail("data_seed", "an integer in [0, 2**32)", c.data_seed)
   if not isinstance(c.shuffle, bool):
     _fail("shuffle", "True or False", c.shuffle)
   for name in ("worker_count", "read_threads"):
-    if not _is_int(c[name]) or c[name] < 0:
+    if not is_int(c[name]) or c[name] < 0:
       _fail(name, "an integer >= 0", c[name])
-  if not _is_int(c.prefetch_buffer_size) or c.prefetch_buffer_size < 1:
+  if not is_int(c.prefetch_buffer_size) or c.prefetch_buffer_size < 1:
     _fail("prefetch_buffer_size", "a positive integer", c.prefetch_buffer_size)
   for name in ("image_key", "caption_key"):
     if not isinstance(c[name], str) or not c[name]:
@@ -426,16 +425,16 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize, seed: i
   """
   c = ml_collections.ConfigDict(dict(input_defaults().to_dict(), **dict(input_config.items())))
   validate_input(c)
-  if not _is_int(process_count) or process_count < 1:
+  if not is_int(process_count) or process_count < 1:
     raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
-  if not _is_int(process_index) or not 0 <= process_index < process_count:
+  if not is_int(process_index) or not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index!r}")
-  if not _is_int(batch_size) or batch_size < 1 or batch_size % process_count:
+  if not is_int(batch_size) or batch_size < 1 or batch_size % process_count:
     raise ValueError(f"batch_size (global) must be a positive multiple of process_count={process_count}, "
                      f"got {batch_size!r}")
-  if not _is_int(seed) or not 0 <= seed < 2**32:
+  if not is_int(seed) or not 0 <= seed < 2**32:
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-  if num_epochs is not None and (not _is_int(num_epochs) or num_epochs < 1):
+  if num_epochs is not None and (not is_int(num_epochs) or num_epochs < 1):
     raise ValueError(f"num_epochs must be None (repeat forever) or a positive integer, got {num_epochs!r}")
   local_batch = batch_size // process_count
 
