@@ -197,7 +197,11 @@ def write_sample_grid(config, pipe, ema, workdir: str, step: int, writer) -> str
 # The loop
 
 def train(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics."""
+  """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics.
+
+  After a SIGTERM the returned dict also holds `"preempted": True` (the run saved a
+  checkpoint at the current step and stopped early).
+  """
   # -- Workdir and config --------------------------------------------------
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -234,6 +238,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
+  preempted = False
   grid_pipe = None
   progress = metrics_writer.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
@@ -265,12 +270,16 @@ def train(config, workdir: str) -> dict[str, Any]:
       if preemption.requested:
         writer.message(f"SIGTERM at step {step}: saving a checkpoint and exiting")
         checkpoint.save(manager, step, state, ema, data_iter, force=True)
+        preempted = True
         break
   progress.close()
   manager.wait_until_finished()
   manager.close()
   writer.close()
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  result: dict[str, Any] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if preempted:
+    result["preempted"] = True
+  return result
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -326,8 +335,15 @@ def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: 
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains, then generates the GenEval-style prompt set and prints the score table."""
-  train(config, workdir)
+  """Trains, then generates the GenEval-style prompt set and prints the score table.
+
+  A preempted run (SIGTERM) exits after its checkpoint instead: scoring a half-trained
+  model would take minutes the VM does not have and print a score for the wrong run.
+  Rerunning the same command resumes training and then evaluates.
+  """
+  result = train(config, workdir)
+  if result.get("preempted"):
+    return result
   return evaluate(config, workdir)
 
 

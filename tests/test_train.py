@@ -18,9 +18,9 @@ from helpers import REPO, read_losses, train_config
 RUNNER = pathlib.Path(__file__).with_name("train_runner.py")
 
 
-def _start(workdir, **overrides):
+def _start(workdir, mode="train", **overrides):
   env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent))
-  return subprocess.Popen([sys.executable, str(RUNNER), str(workdir), json.dumps(overrides)], env=env,
+  return subprocess.Popen([sys.executable, str(RUNNER), str(workdir), json.dumps(overrides), mode], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -93,12 +93,14 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  proc = _start(tmp_path, num_train_steps=10_000, checkpoint_every_steps=10_000)
+  # the default mode, train_and_evaluate: a preempted run must exit, not go on to score
+  proc = _start(tmp_path, "train_and_evaluate", num_train_steps=10_000, checkpoint_every_steps=10_000)
   _wait_for_step(tmp_path, 3, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
   assert "SIGTERM" in err
+  assert not (tmp_path / "geneval").exists(), "evaluated after SIGTERM"
   last_logged = max(read_losses(tmp_path))
   assert _checkpoint_steps(tmp_path) == [last_logged]
   # and the run continues from there

@@ -1,4 +1,7 @@
-"""Runs a tiny training in its own process (for kill / SIGTERM tests): train_runner.py WORKDIR [JSON overrides]."""
+"""Runs a tiny training in its own process (for kill / SIGTERM tests).
+
+Usage: train_runner.py WORKDIR [JSON overrides] [train|train_and_evaluate]
+"""
 
 import json
 import sys
@@ -8,4 +11,5 @@ from helpers import train_config
 
 if __name__ == "__main__":
   overrides = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-  train.train(train_config(**overrides), sys.argv[1])
+  mode = sys.argv[3] if len(sys.argv) > 3 else "train"
+  getattr(train, mode)(train_config(**overrides), sys.argv[1])
