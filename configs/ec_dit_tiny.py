@@ -42,8 +42,9 @@ def get_config(arg=None):
 
   # The x0 network's velocity loss weights a nearly clean example up to 400x a noisy one;
   # capping that at 1/0.3^2 gives the high-noise steps, where shapes and layout are
-  # decided, their share. Full default runs: images correct 31.0% and 28.6% (seeds 0
-  # and 1) vs 23.9% without the cap; overall 46.7% and 36.9% vs 40.8% (see the README).
+  # decided, their share. Full default runs (before the text-position change): images
+  # correct 31.0% and 28.6% (seeds 0 and 1) vs 23.9% without the cap; overall 46.7% and
+  # 36.9% vs 40.8%. The default today: 44.6% and 38.1% (see the README).
   config.diffusion.loss_t_min = 0.3
 
   config.sample.num_steps = 32
