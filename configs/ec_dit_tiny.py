@@ -1,8 +1,8 @@
 """Tiny EC-DiT that trains on a laptop CPU: 32x32 RGB ShapesWorld pixels, patch 4 (64 tokens).
 
 The embedded default: `python -m ec_dit.main --config=configs/ec_dit_tiny.py --workdir=runs/tiny`
-trains for about 15 minutes on 2 CPU cores, then scores the ShapesWorld GenEval-style set
-(about 17 minutes in all; see the README for its score table).
+trains for 15-17 minutes on 2 CPU cores, then scores the ShapesWorld GenEval-style set
+(about 18 minutes in all; see the README for its score table).
 
 Variants at matched activated compute:
   configs/ec_dit_tiny.py        expert choice, capacity factor 2 (default)
