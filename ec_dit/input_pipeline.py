@@ -115,7 +115,6 @@ def _fail(field: str, allowed: str, got: Any):
   raise ValueError(f"config.input.{field}: must be {allowed}, got {got!r}")
 
 
-
 def parse_source(source: str) -> tuple[str, Any]:
   """Splits ``config.input.source`` into ``(kind, detail)``.
 

@@ -238,7 +238,6 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
-  preempted = False
   grid_pipe = None
   progress = metrics_writer.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
@@ -270,14 +269,13 @@ def train(config, workdir: str) -> dict[str, Any]:
       if preemption.requested:
         writer.message(f"SIGTERM at step {step}: saving a checkpoint and exiting")
         checkpoint.save(manager, step, state, ema, data_iter, force=True)
-        preempted = True
         break
   progress.close()
   manager.wait_until_finished()
   manager.close()
   writer.close()
   result: dict[str, Any] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if preempted:
+  if preemption.requested:
     result["preempted"] = True
   return result
 
