@@ -82,6 +82,9 @@ def input_defaults() -> ml_collections.ConfigDict:
       epoch).
     data_seed: ShapesWorld only: the procedural seed (which scenes exist);
       the shuffle order is the ``seed`` given to :func:`create_dataset`.
+    shapes_world_tasks: ShapesWorld only: the caption tasks, drawn uniformly
+      (a task listed twice is drawn twice as often); any of
+      ``ec_dit.data.shapes_world.CAPTION_TASKS``.
     shuffle: shuffle the examples (reshuffled every epoch).
     worker_count: grain worker processes (``mp_prefetch``); 0 keeps
       everything in-process (deterministic, CI-friendly).
@@ -97,6 +100,8 @@ def input_defaults() -> ml_collections.ConfigDict:
       image_size=32,
       num_examples=1_000_000,
       data_seed=0,
+      shapes_world_tasks=("single_object", "two_object", "counting", "colors", "position", "color_attr",
+                          "descriptive"),
       shuffle=True,
       worker_count=0,
       read_threads=2,
@@ -161,6 +166,11 @@ def validate_input(input_config) -> None:
     _fail("num_examples", "a positive integer", c.num_examples)
   if not is_int(c.data_seed) or not 0 <= c.data_seed < 2**32:
     _fail("data_seed", "an integer in [0, 2**32)", c.data_seed)
+  from ec_dit.data.shapes_world import CAPTION_TASKS
+  tasks = c.shapes_world_tasks
+  if (isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks
+      or any(t not in CAPTION_TASKS for t in tasks)):
+    _fail("shapes_world_tasks", f"a non-empty sequence of {CAPTION_TASKS}", tasks)
   if not isinstance(c.shuffle, bool):
     _fail("shuffle", "True or False", c.shuffle)
   for name in ("worker_count", "read_threads"):
@@ -304,7 +314,7 @@ def make_source(input_config):
   kind, detail = parse_source(c.source)
   if kind == "shapes_world":
     from ec_dit.data.shapes_world import ShapesWorldSource
-    return ShapesWorldSource(c.image_size, c.num_examples, c.data_seed)
+    return ShapesWorldSource(c.image_size, c.num_examples, c.data_seed, tasks=tuple(c.shapes_world_tasks))
   if kind == "tfds":
     return _tfds_source(c)
   if kind == "folder":

@@ -277,12 +277,22 @@ def test_parse_source_forms(tmp_path):
     ("worker_count", -1, r"config.input.worker_count: must be an integer >= 0"),
     ("prefetch_buffer_size", 0, r"config.input.prefetch_buffer_size"),
     ("caption_key", "", r"config.input.caption_key: must be a non-empty string"),
+    ("shapes_world_tasks", ("colors", "colour"), r"config.input.shapes_world_tasks: must be a non-empty sequence"),
+    ("shapes_world_tasks", (), r"config.input.shapes_world_tasks"),
+    ("shapes_world_tasks", "colors", r"config.input.shapes_world_tasks"),
 ])
 def test_validation_errors_name_the_field(field, value, match):
   c = ip.input_defaults().to_dict()
   c[field] = value
   with pytest.raises(ValueError, match=match):
     ip.validate_input(c)  # a plain dict works too
+
+
+def test_shapes_world_tasks_choose_the_captions():
+  default = ip.make_source(cfg())
+  assert {json.loads(default[i]["metadata"])["tag"] for i in range(64)} == set(ip.input_defaults().shapes_world_tasks)
+  source = ip.make_source(cfg(shapes_world_tasks=("colors", "counting")))
+  assert {json.loads(source[i]["metadata"])["tag"] for i in range(40)} == {"colors", "counting"}
 
 
 def test_validation_unknown_key_and_empty_folder(tmp_path):
