@@ -168,3 +168,18 @@ def test_run_config_from_an_older_version_gets_new_keys_as_defaults(tmp_path):
   assert config.model.prediction == config_lib.base_config().model.prediction
   assert list(config.sample.prompts) == ["a photo of a red circle"]  # saved values win
   config_lib.validate(config)
+
+
+def test_tiny_text_context_truncates_none_of_its_prompts():
+  """The tiny config's 12-token context holds its training captions, its scored prompts and its grid prompts."""
+  from ec_dit import input_pipeline, text
+  from ec_dit.geneval import prompts
+  config = load_config("ec_dit_tiny")
+  tokenizer = text.tokenizer_from_config(config)
+  suite = prompts.generate_suite(prompts.DOMAINS[config.geneval.domain], config.geneval.prompt_seed,
+                                 config.geneval.per_task)
+  source = input_pipeline.make_source(config.input)
+  captions = ([p["prompt"] for p in suite] + list(config.sample.prompts)
+              + [source[i]["caption"] for i in range(300)])
+  longest = max(captions, key=lambda c: len(tokenizer.pieces(c)))
+  assert len(tokenizer.pieces(longest)) <= config.model.context_len, longest
