@@ -60,6 +60,7 @@ import numpy as np
 from PIL import Image
 
 from ec_dit.config_lib import is_int
+from ec_dit.data.shapes_world import CAPTION_TASKS, ShapesWorldSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
@@ -100,8 +101,7 @@ def input_defaults() -> ml_collections.ConfigDict:
       image_size=32,
       num_examples=1_000_000,
       data_seed=0,
-      shapes_world_tasks=("single_object", "two_object", "counting", "colors", "position", "color_attr",
-                          "descriptive"),
+      shapes_world_tasks=CAPTION_TASKS,  # the six GenEval templates and "descriptive"
       shuffle=True,
       worker_count=0,
       read_threads=2,
@@ -166,7 +166,6 @@ def validate_input(input_config) -> None:
     _fail("num_examples", "a positive integer", c.num_examples)
   if not is_int(c.data_seed) or not 0 <= c.data_seed < 2**32:
     _fail("data_seed", "an integer in [0, 2**32)", c.data_seed)
-  from ec_dit.data.shapes_world import CAPTION_TASKS
   tasks = c.shapes_world_tasks
   if (isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks
       or any(t not in CAPTION_TASKS for t in tasks)):
@@ -313,7 +312,6 @@ def make_source(input_config):
   c = input_config
   kind, detail = parse_source(c.source)
   if kind == "shapes_world":
-    from ec_dit.data.shapes_world import ShapesWorldSource
     return ShapesWorldSource(c.image_size, c.num_examples, c.data_seed, tasks=tuple(c.shapes_world_tasks))
   if kind == "tfds":
     return _tfds_source(c)
