@@ -181,5 +181,5 @@ def test_tiny_text_context_truncates_none_of_its_prompts():
   source = input_pipeline.make_source(config.input)
   captions = ([p["prompt"] for p in suite] + list(config.sample.prompts)
               + [source[i]["caption"] for i in range(300)])
-  longest = max(captions, key=lambda c: len(tokenizer.pieces(c)))
-  assert len(tokenizer.pieces(longest)) <= config.model.context_len, longest
+  length, longest = max((len(tokenizer.pieces(c)), c) for c in captions)
+  assert length <= config.model.context_len, longest
