@@ -312,7 +312,7 @@ def make_source(input_config):
   c = input_config
   kind, detail = parse_source(c.source)
   if kind == "shapes_world":
-    return ShapesWorldSource(c.image_size, c.num_examples, c.data_seed, tasks=tuple(c.shapes_world_tasks))
+    return ShapesWorldSource(c.image_size, c.num_examples, c.data_seed, tasks=c.shapes_world_tasks)
   if kind == "tfds":
     return _tfds_source(c)
   if kind == "folder":

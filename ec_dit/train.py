@@ -289,7 +289,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   from ec_dit.pipeline import TextToImagePipeline
   g = config.geneval
   out = os.path.join(workdir, "geneval")
-  suite = prompts_lib.generate_suite(prompts_lib.DOMAINS[g.domain], g.prompt_seed, g.per_task)
+  suite = prompts_lib.suite_from_config(g)
   os.makedirs(out, exist_ok=True)
   prompts_lib.write_prompts(suite, os.path.join(out, "prompts.jsonl"))
   pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size)

@@ -176,8 +176,7 @@ def test_tiny_text_context_truncates_none_of_its_prompts():
   from ec_dit.geneval import prompts
   config = load_config("ec_dit_tiny")
   tokenizer = text.tokenizer_from_config(config)
-  suite = prompts.generate_suite(prompts.DOMAINS[config.geneval.domain], config.geneval.prompt_seed,
-                                 config.geneval.per_task)
+  suite = prompts.suite_from_config(config.geneval)
   source = input_pipeline.make_source(config.input)
   captions = ([p["prompt"] for p in suite] + list(config.sample.prompts)
               + [source[i]["caption"] for i in range(300)])

@@ -99,6 +99,12 @@ def generate_suite(classes: Sequence[str], seed: int = 43, per_task: int = 100) 
   return unique
 
 
+def suite_from_config(geneval_config) -> list[dict]:
+  """The prompt suite a run scores: ``config.geneval``'s domain, prompt seed and prompts per task."""
+  g = geneval_config
+  return generate_suite(DOMAINS[g.domain], g.prompt_seed, g.per_task)
+
+
 def write_prompts(prompts: Iterable[dict], path: str) -> None:
   """Write prompts in the official format (one JSON object a line)."""
   with open(path, "w") as f:
