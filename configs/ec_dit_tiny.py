@@ -39,14 +39,21 @@ def get_config(arg=None):
   # context; without them each task gets a sixth of the data instead of a seventh.
   config.input.shapes_world_tasks = GENEVAL_TASKS
   config.batch_size = 32
-  config.num_train_steps = 4500
+  config.num_train_steps = 4350
   config.learning_rate = 1e-3
+  # Muon on the attention, adaLN and dense-FFN matrices (AdamW on the rest) learns faster
+  # per step: full runs got 37.2% and 35.6% of images correct (seeds 0, 1) against 31.3%
+  # and 31.2% for AdamW alone at 4500 steps. Three Newton-Schulz steps and AdamW for the
+  # experts keep its cost to 4% per step (Muon on the experts too: 16%), hence 4350 steps.
+  config.optimizer = "muon"
+  config.muon.ns_steps = 3
+  config.muon.experts = False
   config.warmup_steps = 100
   config.adam_b2 = 0.99
   config.ema_decay = 0.999
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
-  config.eval_every_steps = 1125
+  config.eval_every_steps = 1450
 
   # The x0 network's velocity loss weights a nearly clean example up to 400x a noisy one;
   # capping that at 1/0.3^2 gives the high-noise steps, where shapes and layout are

@@ -16,6 +16,7 @@ FFN_KINDS = ("dense", "expert_choice", "token_choice")
 DISPATCHES = ("einsum", "gather")
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -94,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999
   config.grad_clip_norm = 1.0
+  config.optimizer = "adamw"  # or "muon": Muon on hidden matrices, AdamW on the rest (ec_dit.muon)
+  config.muon = ml_collections.ConfigDict(dict(
+      beta=0.95,      # Nesterov momentum
+      ns_steps=5,     # Newton-Schulz iterations
+      experts=True,   # expert matrices too (else AdamW for them)
+  ))
   config.ema_decay = 0.9999
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
@@ -238,6 +245,12 @@ def validate_training(config) -> None:
   _check_range(config, "adam_b1", 0.0, 1.0, high_open=True)
   _check_range(config, "adam_b2", 0.0, 1.0, high_open=True)
   _check_range(config, "grad_clip_norm", 0.0, inf, low_open=True)
+  if config.optimizer not in OPTIMIZERS:
+    _fail("optimizer", f"one of {OPTIMIZERS}", config.optimizer)
+  _check_range(config.muon, "beta", 0.0, 1.0, "muon.", high_open=True)
+  _check_int(config.muon, "ns_steps", 1, "muon.")
+  if not isinstance(config.muon.experts, bool):
+    _fail("muon.experts", "True or False", config.muon.experts)
   _check_range(config, "ema_decay", 0.0, 1.0)
 
   from ec_dit import text  # local imports, as in validate_model: avoids import cycles

@@ -242,16 +242,37 @@ def current_mesh() -> Mesh | None:
 # Training state: abstract first, then a jitted, sharded initialisation
 
 
+def opt_state_shardings(opt_abs, params_abs, params_sh, default) -> Any:
+  """Shardings of an optimizer state: each leaf that mirrors a parameter takes its sharding.
+
+  A state leaf mirrors a parameter when its key path ends with the
+  parameter's path and the shapes agree (Adam's moments, Muon's momentum,
+  also inside ``optax.partition``'s masked states, which
+  ``optax.tree_map_params`` does not see through); counts and other scalars
+  get ``default``.
+  """
+  by_path = {tuple(path): (p.shape, s) for (path, p), s in
+             zip(jax.tree_util.tree_flatten_with_path(params_abs)[0], jax.tree.leaves(params_sh))}
+
+  def pick(path, x):
+    for i in range(len(path)):
+      hit = by_path.get(tuple(path[i:]))
+      if hit is not None and hit[0] == x.shape:
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, opt_abs)
+
+
 def train_state_shardings(config, tx, mesh: Mesh):
   """(graphdef, abstract state, abstract ema, shardings) without allocating any weights.
 
   The abstract model comes from `nnx.eval_shape`; the optimizer state's shape
   from `jax.eval_shape(tx.init)`, its shardings mirror the parameters'
-  (`optax.tree_map_params`), scalars (counts, step) are replicated. `shardings`
+  (`opt_state_shardings`), scalars (counts, step) are replicated. `shardings`
   is {"state", "ema", "batch"} with "batch" the sharding of a [batch_size, ...]
   leaf's leading axis.
   """
-  import optax
   from flax import nnx
   from ec_dit import model as model_lib
 
@@ -262,8 +283,7 @@ def train_state_shardings(config, tx, mesh: Mesh):
   params_abs = abstract(nnx.to_pure_dict(param_state), params_sh)
   opt_abs = jax.eval_shape(tx.init, params_abs)
   rep = replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, params_sh,
-                                 transform_non_params=lambda _: rep)
+  opt_sh = opt_state_shardings(opt_abs, params_abs, params_sh, rep)
   state_sh = {"step": rep, "params": params_sh, "opt_state": opt_sh}
   state_abs = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=rep), "params": params_abs,
                "opt_state": abstract(opt_abs, opt_sh)}

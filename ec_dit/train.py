@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ec_dit import checkpoint, config_lib, diffusion, input_pipeline, metrics_writer, model as model_lib, text
+from ec_dit import checkpoint, config_lib, diffusion, input_pipeline, metrics_writer, model as model_lib, muon, text
 from ec_dit import sharding
 
 
@@ -30,14 +30,18 @@ from ec_dit import sharding
 # Optimizer and training state
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to 10%, after global-norm clipping."""
+  """AdamW (or Muon + AdamW) with linear warmup and cosine decay to 10%, after global-norm clipping."""
   warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.1 * config.learning_rate)
-  return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay))
+  if config.optimizer == "muon":
+    update = muon.muon_adamw(schedule, beta=config.muon.beta, ns_steps=config.muon.ns_steps,
+                             experts=config.muon.experts, adam_b1=config.adam_b1, adam_b2=config.adam_b2,
+                             weight_decay=config.weight_decay)
+  else:
+    update = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update)
 
 
 def init_model(config):
@@ -89,7 +93,7 @@ def summarize_diagnostics(moe: dict) -> dict[str, jax.Array]:
 
 
 def make_train_step(config, graphdef, tx, mesh=None):
-  """The jitted update: loss, gradients, AdamW, EMA; state and EMA buffers are donated.
+  """The jitted update: loss, gradients, optimizer (config.optimizer), EMA; state and EMA buffers are donated.
 
   Jitted with explicit in/out shardings on `mesh` (default: the config's mesh):
   state and EMA by the parameters' logical axes, the batch over the `batch`

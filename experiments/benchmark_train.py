@@ -1,13 +1,15 @@
 """Training and sampling speed of the tiny config for the three FFN kinds.
 
 What is measured
-  train: steps/s of the jitted train step (forward, backward, AdamW, EMA) at the
+  train: steps/s of the jitted train step (forward, backward, the config's optimizer, EMA) at the
     config's batch size, on batches prepared beforehand (the input pipeline is
     not in the timing). Images/s of training = steps/s x batch size.
   sample: images/s of `TextToImagePipeline.generate` with the config's sampler,
     steps and guidance (conditional and unconditional in one batch).
   Variants at matched activated compute: expert choice (ec), token choice top-2
-  (tc), dense FFN of width 2 x 4d at the MoE positions (dense).
+  (tc), dense FFN of width 2 x 4d at the MoE positions (dense). All train with
+  the tiny config's optimizer (Muon + AdamW); ec_adamw is ec with AdamW alone,
+  to show what Muon costs per step.
 
 How
   Each variant is compiled and warmed up first. Then `--rounds` rounds; in each
@@ -37,14 +39,18 @@ from ec_dit import input_pipeline, text, train
 from ec_dit.pipeline import TextToImagePipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("ec", "tc", "dense")
+VARIANTS = ("ec", "tc", "dense", "ec_adamw")
 
 
 def load_config(variant):
+  """The tiny config's variant (None or "ec": expert choice); "ec_adamw" trains it with AdamW alone."""
   spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "ec_dit_tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant)
+  config = module.get_config(None if variant in ("ec", "ec_adamw") else variant)
+  if variant == "ec_adamw":
+    config.optimizer = "adamw"
+  return config
 
 
 class Runner:
@@ -90,7 +96,8 @@ def main():
   runners = {v: Runner(v, 8, args.sample_batch) for v in VARIANTS}
   results = {v: {"train": [], "sample": []} for v in VARIANTS}
   for r in range(args.rounds):
-    order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+    k = r % len(VARIANTS)
+    order = VARIANTS[k:] + VARIANTS[:k]
     for v in order:
       results[v]["train"].append(runners[v].train_steps(args.steps))
       results[v]["sample"].append(runners[v].sample())

@@ -82,7 +82,7 @@ def test_mesh_shape_resolves_the_rest_and_checks_the_device_count():
 
 
 def test_every_parameter_is_sharded_by_its_logical_axes():
-  config = _config(mesh=(1, 2, 2, 2))
+  config = _config(mesh=(1, 2, 2, 2), optimizer="adamw")
   mesh = _mesh(config)
   tx = train.make_optimizer(config)
   graphdef, state, ema = train.init_state(config, tx, mesh)
@@ -116,6 +116,19 @@ def test_every_parameter_is_sharded_by_its_logical_axes():
   assert mu["dit"]["blocks"][1]["ffn"]["experts"]["wi"].sharding.spec == P("expert", "fsdp", "tensor")
   assert ema["dit"]["blocks"][1]["ffn"]["experts"]["wi"].sharding.spec == P("expert", "fsdp", "tensor")
   assert state["step"].sharding.spec == P()
+
+
+def test_muon_and_adamw_states_inside_a_partition_follow_their_parameters():
+  config = _config(mesh=(1, 2, 2, 2), optimizer="muon", muon__experts=False)
+  tx = train.make_optimizer(config)
+  _, state, _ = train.init_state(config, tx, _mesh(config))
+  inner = state["opt_state"][1].inner_states
+  muon_mu = inner["muon"].inner_state[0].mu
+  adam_mu = inner["adamw"].inner_state[0].mu
+  assert muon_mu["dit"]["blocks"][0]["attn"]["qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert adam_mu["dit"]["blocks"][1]["ffn"]["experts"]["wi"].sharding.spec == P("expert", "fsdp", "tensor")
+  assert adam_mu["text"]["embed"].sharding.spec == P(None, "fsdp")
+  assert inner["adamw"].inner_state[0].count.sharding.spec == P()
 
 
 # ----------------------------------------------------------------------------
