@@ -44,7 +44,7 @@ def get_config(arg=None):
   # Muon on the attention, adaLN and dense-FFN matrices (AdamW on the rest) learns faster
   # per step: full runs got 37.2% and 35.6% of images correct (seeds 0, 1) against 31.3%
   # and 31.2% for AdamW alone at 4500 steps. Three Newton-Schulz steps and AdamW for the
-  # experts keep its cost to 4% per step (Muon on the experts too: 16%), hence 4350 steps.
+  # experts keep its cost to 4-5% per step (Muon on the experts too: 16%), hence 4350 steps.
   config.optimizer = "muon"
   config.muon.ns_steps = 3
   config.muon.experts = False
