@@ -113,10 +113,9 @@ def param_labels(params, experts: bool = True) -> dict:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def muon_adamw(schedule, *, beta: float, ns_steps: int, experts: bool, adam_b1: float, adam_b2: float,
+def muon_adamw(schedule, adamw: optax.GradientTransformation, *, beta: float, ns_steps: int, experts: bool,
                weight_decay: float) -> optax.GradientTransformation:
-  """Muon on :func:`param_labels`' hidden matrices, AdamW on the rest; one schedule for both."""
+  """Muon on :func:`param_labels`' hidden matrices, the given ``adamw`` on the rest; one schedule for both."""
   muon = optax.chain(scale_by_muon(beta, ns_steps), optax.add_decayed_weights(weight_decay),
                      optax.scale_by_learning_rate(schedule))
-  adamw = optax.adamw(schedule, b1=adam_b1, b2=adam_b2, weight_decay=weight_decay)
   return optax.partition({"muon": muon, "adamw": adamw}, functools.partial(param_labels, experts=experts))

@@ -35,12 +35,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.1 * config.learning_rate)
-  if config.optimizer == "muon":
-    update = muon.muon_adamw(schedule, beta=config.muon.beta, ns_steps=config.muon.ns_steps,
-                             experts=config.muon.experts, adam_b1=config.adam_b1, adam_b2=config.adam_b2,
-                             weight_decay=config.weight_decay)
-  else:
-    update = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+  update = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+  if config.optimizer == "muon":  # AdamW stays for the parameters Muon does not take
+    update = muon.muon_adamw(schedule, update, beta=config.muon.beta, ns_steps=config.muon.ns_steps,
+                             experts=config.muon.experts, weight_decay=config.weight_decay)
   return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update)
 
 
