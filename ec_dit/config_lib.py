@@ -113,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.sample = ml_collections.ConfigDict(dict(
       sampler="euler", num_steps=32, guidance_scale=4.0, seed=0,
+      # 1 = standard CFG; < 1 scales the guidance update's part along the clean-image estimate (APG)
+      guidance_parallel=1.0,
       prompts=("a photo of a red circle", "a photo of a blue square", "a photo of two green triangles",
                "a photo of a yellow circle left of a purple square"),
   ))
@@ -275,6 +277,7 @@ def validate_training(config) -> None:
   _check_int(s, "num_steps", 1, "sample.")
   _check_int(s, "seed", 0, "sample.")
   _check_range(s, "guidance_scale", 0.0, inf, "sample.")
+  _check_range(s, "guidance_parallel", 0.0, 1.0, "sample.")
   if isinstance(s.prompts, str) or not all(isinstance(p, str) for p in s.prompts):
     _fail("sample.prompts", "a list of strings", s.prompts)
 

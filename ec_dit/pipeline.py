@@ -77,26 +77,29 @@ class TextToImagePipeline:
     params = checkpoint.restore_ema(config, workdir, step=step)
     return cls(config, params, batch_size=batch_size)
 
-  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-  def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, sampler):
+  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+  def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, guidance_parallel, sampler):
     model = nnx.merge(self._graphdef, params)
     return diffusion.sample(model, tokens, mask, key, image_shape=self.image_shape, num_steps=num_steps,
-                            guidance_scale=guidance_scale, sampler=sampler)
+                            guidance_scale=guidance_scale, guidance_parallel=guidance_parallel, sampler=sampler)
 
   def __hash__(self):  # jit treats `self` as static
     return id(self)
 
   def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int = 0,
                num_steps: int | None = None, guidance_scale: float | None = None,
-               sampler: str | None = None, first_index: int = 0) -> np.ndarray:
+               guidance_parallel: float | None = None, sampler: str | None = None,
+               first_index: int = 0) -> np.ndarray:
     """uint8 images [len(prompts) * num_images_per_prompt, H, W, C], prompt-major order.
 
     Image j of prompt i depends only on (seed, first_index + i, j), the prompt and
-    the weights, not on the batch it was generated in.
+    the weights, not on the batch it was generated in. Sampler settings left as None
+    come from `config.sample` (see `diffusion.sample` for their meaning).
     """
     s = self.config.sample
     num_steps = int(num_steps or s.num_steps)
     guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+    guidance_parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
     sampler = sampler or s.sampler
     if sampler not in diffusion.SAMPLERS:
       raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, got {sampler!r}")
@@ -112,7 +115,7 @@ class TextToImagePipeline:
       keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
-                            guidance_scale, sampler)
+                            guidance_scale, guidance_parallel, sampler)
       out.append(diffusion.to_uint8(images[:len(chunk)]))
     return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
 

@@ -311,10 +311,10 @@ def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: 
                   sample=None):
   """Writes n samples per GenEval prompt in GenEval's folder layout.
 
-  `sample` (a config.sample section) overrides the pipeline's sampler, steps and guidance.
+  `sample` (a config.sample section) overrides the pipeline's sampler, steps and guidance settings.
   """
   kwargs = {} if sample is None else dict(num_steps=sample.num_steps, guidance_scale=sample.guidance_scale,
-                                          sampler=sample.sampler)
+                                          guidance_parallel=sample.guidance_parallel, sampler=sample.sampler)
   from tqdm import tqdm
   from ec_dit.geneval import layout
   texts = [p["prompt"] for p in prompts]

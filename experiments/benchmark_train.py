@@ -111,7 +111,8 @@ def main():
     rows.append({"variant": v, "batch_size": c.batch_size, "steps_per_sec": round(steps, 3),
                  "train_images_per_sec": round(steps * c.batch_size, 1), "sample_images_per_sec": round(sample, 2),
                  "sampler": c.sample.sampler, "sample_steps": c.sample.num_steps,
-                 "guidance_scale": c.sample.guidance_scale, "train_time_vs_dense": round(dense_steps / steps, 3)})
+                 "guidance_scale": c.sample.guidance_scale, "guidance_parallel": c.sample.guidance_parallel,
+                 "train_time_vs_dense": round(dense_steps / steps, 3)})
     print(f"{v:<8}{steps:>10.2f}{steps * c.batch_size:>13.1f}{sample:>14.2f}{dense_steps / steps:>17.2f}x")
   print(json.dumps({"benchmark": "train_tiny", "rounds": args.rounds, "steps_per_round": args.steps,
                     "variants": rows}))

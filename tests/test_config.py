@@ -71,6 +71,7 @@ from contextlib import nullcontext  # noqa: E402
     ("diffusion.loss_t_min", 1.5, r"config\.diffusion\.loss_t_min: must be a number in \[0\.0, 1\.0\]"),
     ("sample.sampler", "dpm", r"config\.sample\.sampler: must be one of \('euler', 'heun', 'ancestral'\)"),
     ("sample.num_steps", 0, r"config\.sample\.num_steps: must be an integer >= 1"),
+    ("sample.guidance_parallel", 1.5, r"config\.sample\.guidance_parallel: must be a number in \[0\.0, 1\.0\]"),
     ("sample.prompts", ("a red circle", 3), r"config\.sample\.prompts: must be a list of strings"),
     ("geneval.domain", "imagenet", r"config\.geneval\.domain: must be one of \('shapes', 'coco'\)"),
     ("geneval.images_per_prompt", 0, r"config\.geneval\.images_per_prompt: must be an integer >= 1"),

@@ -96,17 +96,41 @@ def _trained_looking_model(config):
   return model
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "ancestral"])
-def test_cached_and_uncached_text_kv_sampling_agree(sampler):
+@pytest.mark.parametrize("sampler,parallel", [("euler", 1.0), ("heun", 1.0), ("ancestral", 1.0), ("euler", 0.0)])
+def test_cached_and_uncached_text_kv_sampling_agree(sampler, parallel):
   config = train_config()
   model = _trained_looking_model(config)
   tok = text.tokenizer_from_config(config)
   tokens, mask = tok.encode_batch(["a photo of a red circle", "a photo of two blue squares", ""])
-  kwargs = dict(image_shape=(16, 16, 3), num_steps=3, guidance_scale=3.0, sampler=sampler)
+  kwargs = dict(image_shape=(16, 16, 3), num_steps=3, guidance_scale=3.0, guidance_parallel=parallel,
+                sampler=sampler)
   a = diffusion.sample(model, tokens, mask, jax.random.key(0), cache_text=True, **kwargs)
   b = diffusion.sample(model, tokens, mask, jax.random.key(0), cache_text=False, **kwargs)
   assert float(jnp.abs(a).max()) > 0
   np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_projected_guidance():
+  """guidance_parallel = 1 is standard CFG; 0 removes the update's part along x0 = x - t v_cond."""
+  kx, kc, ku = jax.random.split(jax.random.key(0), 3)
+  x, v_cond, v_uncond = (jax.random.normal(k, (3, 4, 4, 3)) for k in (kx, kc, ku))
+  t, s = 0.7, 3.0
+  cfg = diffusion.guide(x, t, v_cond, v_uncond, s, 1.0)
+  np.testing.assert_array_equal(cfg, v_uncond + s * (v_cond - v_uncond))
+  x0 = x - t * v_cond
+  dot = lambda a, b: jnp.sum(a * b, axis=(1, 2, 3))
+  full_update = cfg - v_cond
+  orth = diffusion.guide(x, t, v_cond, v_uncond, s, 0.0) - v_cond
+  np.testing.assert_allclose(dot(orth, x0), 0.0, atol=1e-4)  # per image, not over the batch
+  parallel = full_update - orth
+  coef = dot(parallel, x0) / dot(x0, x0)
+  np.testing.assert_allclose(parallel, coef[:, None, None, None] * x0, atol=1e-5)  # a multiple of x0
+  half = diffusion.guide(x, t, v_cond, v_uncond, s, 0.5) - v_cond
+  np.testing.assert_allclose(half, orth + 0.5 * parallel, atol=1e-5)
+  # an unconditional prediction that differs only in "how much of the image" has no guidance left
+  v_less = v_cond + 0.4 * x0
+  np.testing.assert_allclose(diffusion.guide(x, t, v_cond, v_less, s, 0.0), v_cond, atol=1e-5)
+  assert float(jnp.abs(diffusion.guide(x, t, v_cond, v_less, s, 1.0) - v_cond).max()) > 0.1
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ancestral"])
