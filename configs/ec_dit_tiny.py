@@ -64,11 +64,12 @@ def get_config(arg=None):
 
   config.sample.num_steps = 32
   config.sample.guidance_scale = 3.0
-  # Projected guidance (diffusion.guide): plain CFG at scale 3 turned a quarter to a half of
-  # "a photo of a triangle" into blank canvases, because the empty prompt expects more objects
-  # than one and guidance extrapolates that away. Dropping the update's part along the
-  # clean-image estimate fixed it: re-sampling the runs of seeds 0, 1, 2 scored 52.1%,
-  # 50.9%, 52.3% overall (single_object 11/12, 10/12, 11/12) against 49.3%, 47.9%, 48.9%.
+  # Projected guidance (diffusion.guide): plain CFG at scale 3 left 59% of the seed-1 run's
+  # "a photo of a triangle" samples blank (16% without guidance), because the empty prompt
+  # expects more objects than one and guidance extrapolates that away. Dropping the update's
+  # part along the clean-image estimate fixed it: re-sampling the runs of seeds 0, 1, 2
+  # scored 52.1%, 50.9%, 52.3% overall (single_object 11/12, 10/12, 11/12) against 49.3%,
+  # 47.9%, 48.9%; a fresh run of seed 3 scored 52.0% (see the README).
   config.sample.guidance_parallel = 0.0
   config.geneval.per_task = 100
   config.geneval.images_per_prompt = 4
