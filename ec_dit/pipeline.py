@@ -48,6 +48,14 @@ def _fill_defaults(saved: dict, defaults: dict) -> dict:
   return saved
 
 
+SAMPLER_SETTINGS = ("num_steps", "guidance_scale", "guidance_parallel", "sampler")
+
+
+def sampler_settings(sample) -> dict:
+  """The `TextToImagePipeline.generate` keyword arguments a `config.sample` section sets."""
+  return {name: sample[name] for name in SAMPLER_SETTINGS}
+
+
 class TextToImagePipeline:
   """Prompts in, images out. Sampling is jitted once per batch size and deterministic per seed.
 

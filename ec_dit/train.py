@@ -313,10 +313,10 @@ def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: 
 
   `sample` (a config.sample section) overrides the pipeline's sampler, steps and guidance settings.
   """
-  kwargs = {} if sample is None else dict(num_steps=sample.num_steps, guidance_scale=sample.guidance_scale,
-                                          guidance_parallel=sample.guidance_parallel, sampler=sample.sampler)
   from tqdm import tqdm
   from ec_dit.geneval import layout
+  from ec_dit.pipeline import sampler_settings
+  kwargs = {} if sample is None else sampler_settings(sample)
   texts = [p["prompt"] for p in prompts]
   per_call = max(1, pipe.batch_size // n)
   with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
