@@ -84,6 +84,8 @@ def guide(x: jax.Array, t, v_cond: jax.Array, v_uncond: jax.Array, guidance_scal
   orthogonal part keeps what guidance is for (which colour, which shape, where).
   `guidance_parallel` = 1 is exactly standard CFG.
   """
+  if not 0.0 <= guidance_parallel <= 1.0:  # configs are checked by config_lib; this guards direct calls
+    raise ValueError(f"guidance_parallel must be a number in [0, 1], got {guidance_parallel!r}")
   if guidance_parallel == 1.0:
     return v_uncond + guidance_scale * (v_cond - v_uncond)
   delta = v_cond - v_uncond

@@ -131,6 +131,8 @@ def test_projected_guidance():
   v_less = v_cond + 0.4 * x0
   np.testing.assert_allclose(diffusion.guide(x, t, v_cond, v_less, s, 0.0), v_cond, atol=1e-5)
   assert float(jnp.abs(diffusion.guide(x, t, v_cond, v_less, s, 1.0) - v_cond).max()) > 0.1
+  with pytest.raises(ValueError, match=r"guidance_parallel must be a number in \[0, 1\], got 1.5"):
+    diffusion.guide(x, t, v_cond, v_uncond, s, 1.5)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ancestral"])
