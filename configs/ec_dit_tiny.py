@@ -10,12 +10,11 @@ Variants at matched activated compute:
   configs/ec_dit_tiny.py:dense  dense FFN of width 2 x 4d at the MoE positions
 """
 
-from ec_dit import config_lib
-from ec_dit.geneval.rules import TASKS as GENEVAL_TASKS
+from ec_dit import schema
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
+  config = schema.base_config()
   m = config.model
   m.input_size, m.in_channels, m.patch_size = 32, 3, 4
   m.hidden_size, m.depth, m.num_heads = 128, 6, 4
@@ -37,7 +36,7 @@ def get_config(arg=None):
   # Captions from the six GenEval templates only. The descriptive captions (up to four objects
   # with their locations, up to 30 tokens) made no difference at 1500 steps and need the long
   # context; without them each task gets a sixth of the data instead of a seventh.
-  config.input.shapes_world_tasks = GENEVAL_TASKS
+  config.input.shapes_world_tasks = schema.TASKS
   config.batch_size = 32
   config.num_train_steps = 4350
   config.learning_rate = 1e-3
@@ -73,4 +72,4 @@ def get_config(arg=None):
   config.sample.guidance_parallel = 0.0
   config.geneval.per_task = 100
   config.geneval.images_per_prompt = 4
-  return config_lib.apply_variant(config, arg)
+  return schema.apply_variant(config, arg)

@@ -14,9 +14,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from ec_dit import input_pipeline
+from ec_dit.data import pipeline as data_pipeline
+from ec_dit.model import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, ema: Any, data_
   """Saves (asynchronously) state, EMA params and, when given, the data iterator."""
   items = dict(state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema))
   if data_iter is not None:
-    items["data_iter"] = input_pipeline.iterator_save_args(data_iter)
+    items["data_iter"] = data_pipeline.iterator_save_args(data_iter)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -51,7 +51,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
   for step in sorted(manager.all_steps(), reverse=True):
     items = dict(state=ocp.args.StandardRestore(abstract_state), ema=ocp.args.StandardRestore(abstract_ema))
     if data_iter is not None:
-      items["data_iter"] = input_pipeline.iterator_restore_args(data_iter)
+      items["data_iter"] = data_pipeline.iterator_restore_args(data_iter)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - any failure means "this checkpoint is not usable"
@@ -60,13 +60,6 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
       continue
     return step, restored["state"], restored["ema"], restored.get("data_iter", data_iter)
   return None
-
-
-def abstract_params(config) -> dict:
-  """ShapeDtypeStructs of the model parameters as a pure dict (no memory allocated)."""
-  from ec_dit import model as model_lib
-  abstract = nnx.eval_shape(lambda: model_lib.TextToImage(config, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
 def restore_ema(config, workdir: str, step: int | None = None) -> dict:

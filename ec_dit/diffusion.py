@@ -14,9 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ec_dit import dit as dit_lib
+from ec_dit import schema
+from ec_dit.model import dit as dit_lib
 
-SAMPLERS = ("euler", "heun", "ancestral")
+SAMPLERS = schema.SAMPLERS
 
 
 def sample_timesteps(key: jax.Array, batch: int, mean: float = 0.0, std: float = 1.0) -> jax.Array:
@@ -84,7 +85,7 @@ def guide(x: jax.Array, t, v_cond: jax.Array, v_uncond: jax.Array, guidance_scal
   orthogonal part keeps what guidance is for (which colour, which shape, where).
   `guidance_parallel` = 1 is exactly standard CFG.
   """
-  if not 0.0 <= guidance_parallel <= 1.0:  # configs are checked by config_lib; this guards direct calls
+  if not 0.0 <= guidance_parallel <= 1.0:  # configs are checked by ec_dit.schema; this guards direct calls
     raise ValueError(f"guidance_parallel must be a number in [0, 1], got {guidance_parallel!r}")
   if guidance_parallel == 1.0:
     return v_uncond + guidance_scale * (v_cond - v_uncond)

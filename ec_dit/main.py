@@ -15,8 +15,15 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ec_dit import inference, schema
+from ec_dit.data import sources
+from ec_dit.geneval import generate
+from ec_dit.tools import compile_report, model_summary
+from ec_dit.training import loop
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:VARIANT.",
                                 lock_config=True)
@@ -51,7 +58,6 @@ def initialize_distributed() -> None:
 
   Must run before any JAX computation (it is the first thing `main` does).
   """
-  import jax
   given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   if any(v is not None for v in given):
     if any(v is None for v in given):
@@ -71,31 +77,29 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
-  from ec_dit import config_lib  # imported late so --help stays fast
   config = FLAGS.config
-  config_lib.validate(config)
+  schema.validate(config)
+  sources.check_source(config.input)
   if FLAGS.mode == "summary":
-    from ec_dit import summary
-    summary.print_summary(config)
+    model_summary.print_summary(config)
     return
   initialize_distributed()
   if FLAGS.mode == "compile":
-    from ec_dit import aot
-    print(aot.format_report(aot.memory_report(config, param_dtype=FLAGS.param_dtype)), flush=True)
+    print(compile_report.format_report(compile_report.memory_report(config, param_dtype=FLAGS.param_dtype)),
+          flush=True)
     return
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
-  from ec_dit import train
   if FLAGS.mode == "train_and_evaluate":
-    train.train_and_evaluate(config, FLAGS.workdir)
+    loop.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
-    train.train(config, FLAGS.workdir)
+    loop.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
-    train.evaluate(config, FLAGS.workdir)
+    generate.evaluate_run(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
     if not FLAGS.prompt:
       raise app.UsageError("--mode=sample needs at least one --prompt")
-    paths = train.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed)
+    paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed)
     print("\n".join(paths))
 
 

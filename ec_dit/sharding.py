@@ -9,7 +9,7 @@ The mesh has four named axes, sized by the config (-1 = the rest of the devices)
           splits the batch, so dispatch and combine become all-to-alls
   tensor  tensor (model) parallelism: attention heads and MLP / expert hidden widths
 
-Every parameter carries logical axis names (`ec_dit.nn.param`); `config.mesh.rules`
+Every parameter carries logical axis names (`ec_dit.primitives.param`); `config.mesh.rules`
 maps each logical name to mesh axes, in the spirit of t5x's MoE rules. A
 PartitionSpec is built per parameter by `logical_to_spec`:
 
@@ -35,75 +35,13 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import ml_collections
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from ec_dit import schema
 
-# (logical axis, mesh axes) pairs. Parameters: expert, expert_mlp, mlp, heads, embed,
-# vocab, patch, modulation, unmodeled. Activations: batch (images, or routing groups
-# before dispatch), expert_group (routing groups after dispatch: the batch minus the
-# expert axis, which then holds the experts).
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("expert_group", ("data", "fsdp")),
-    ("expert", "expert"),
-    ("expert_mlp", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("embed", "fsdp"),
-    ("vocab", None),
-    ("patch", None),
-    ("modulation", None),
-    ("unmodeled", None),
-)
-
-
-def mesh_defaults() -> ml_collections.ConfigDict:
-  """Defaults of `config.mesh`: all devices on `data` (single-device training unchanged)."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, rules=DEFAULT_RULES))
-
-
-def _fail(field: str, allowed: str, got: Any):
-  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
-
-
-def _as_axes(target) -> tuple[str, ...]:
-  if target is None:
-    return ()
-  if isinstance(target, str):
-    return (target,)
-  return tuple(target)
-
-
-def validate_mesh(mesh_config, prefix: str = "mesh") -> None:
-  """Checks `config.mesh` (without knowing the device count); raises ValueError naming the field."""
-  sizes = [mesh_config[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if isinstance(size, bool) or not isinstance(size, int) or not (size == -1 or size >= 1):
-      _fail(f"{prefix}.{axis}", "a positive integer or -1 (the rest of the devices)", size)
-  if sizes.count(-1) > 1:
-    _fail(prefix, "at most one axis of size -1", dict(zip(MESH_AXES, sizes)))
-  rules = mesh_config.rules
-  if not isinstance(rules, (tuple, list)):
-    _fail(f"{prefix}.rules", "a tuple of (logical axis, mesh axes) pairs", rules)
-  seen = set()
-  for rule in rules:
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      _fail(f"{prefix}.rules", "pairs (logical axis name, None | mesh axis | tuple of mesh axes)", rule)
-    if rule[0] in seen:
-      _fail(f"{prefix}.rules", f"one rule per logical axis; {rule[0]!r} appears twice", rule)
-    seen.add(rule[0])
-    target = rule[1]
-    if not (target is None or isinstance(target, str) or
-            (isinstance(target, (tuple, list)) and all(isinstance(t, str) for t in target))):
-      _fail(f"{prefix}.rules", "pairs (logical axis name, None | mesh axis | tuple of mesh axes)", rule)
-    axes = _as_axes(target)
-    for a in axes:
-      if a not in MESH_AXES:
-        _fail(f"{prefix}.rules", f"mesh axes among {MESH_AXES}", rule)
-    if len(set(axes)) != len(axes):
-      _fail(f"{prefix}.rules", "no mesh axis twice in one rule", rule)
+MESH_AXES = schema.MESH_AXES
+DEFAULT_RULES = schema.DEFAULT_RULES
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -128,7 +66,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   TPU) and, across hosts, keeps the innermost axes within a host; the outer
   axes (data, fsdp) span hosts.
   """
-  validate_mesh(mesh_config)
+  schema.validate_mesh(mesh_config)
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
   types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
@@ -138,7 +76,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def rules_dict(rules) -> dict[str, tuple[str, ...]]:
-  return {name: _as_axes(target) for name, target in rules}
+  return {name: schema.as_axes(target) for name, target in rules}
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
@@ -185,7 +123,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def param_shardings(param_state, mesh: Mesh, rules) -> dict:
   """NamedShardings (as a pure dict) of an nnx State of Params, from their `out_sharding` axes."""
-  from flax import nnx
 
   def one(variable):
     axes = variable.get_metadata().get("out_sharding")
@@ -239,7 +176,7 @@ def current_mesh() -> Mesh | None:
 
 
 # ----------------------------------------------------------------------------
-# Training state: abstract first, then a jitted, sharded initialisation
+# Optimizer state
 
 
 def opt_state_shardings(opt_abs, params_abs, params_sh, default) -> Any:
@@ -262,33 +199,6 @@ def opt_state_shardings(opt_abs, params_abs, params_sh, default) -> Any:
     return default
 
   return jax.tree_util.tree_map_with_path(pick, opt_abs)
-
-
-def train_state_shardings(config, tx, mesh: Mesh):
-  """(graphdef, abstract state, abstract ema, shardings) without allocating any weights.
-
-  The abstract model comes from `nnx.eval_shape`; the optimizer state's shape
-  from `jax.eval_shape(tx.init)`, its shardings mirror the parameters'
-  (`opt_state_shardings`), scalars (counts, step) are replicated. `shardings`
-  is {"state", "ema", "batch"} with "batch" the sharding of a [batch_size, ...]
-  leaf's leading axis.
-  """
-  from flax import nnx
-  from ec_dit import model as model_lib
-
-  rules = config.mesh.rules
-  abstract_model = nnx.eval_shape(lambda: model_lib.TextToImage(config, rngs=nnx.Rngs(config.seed)))
-  graphdef, param_state = nnx.split(abstract_model, nnx.Param)
-  params_sh = param_shardings(param_state, mesh, rules)
-  params_abs = abstract(nnx.to_pure_dict(param_state), params_sh)
-  opt_abs = jax.eval_shape(tx.init, params_abs)
-  rep = replicated(mesh)
-  opt_sh = opt_state_shardings(opt_abs, params_abs, params_sh, rep)
-  state_sh = {"step": rep, "params": params_sh, "opt_state": opt_sh}
-  state_abs = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=rep), "params": params_abs,
-               "opt_state": abstract(opt_abs, opt_sh)}
-  shardings = {"state": state_sh, "ema": params_sh, "batch": batch_sharding(mesh, rules, config.batch_size)}
-  return graphdef, state_abs, params_abs, shardings
 
 
 def batch_shardings(batch, mesh: Mesh, rules) -> Any:

@@ -35,8 +35,9 @@ import time
 import jax
 import numpy as np
 
-from ec_dit import input_pipeline, text, train
-from ec_dit.pipeline import TextToImagePipeline
+from ec_dit import data, tokenizer as tokenizer_lib
+from ec_dit.inference import TextToImagePipeline
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("ec", "tc", "dense", "ec_adamw")
@@ -58,13 +59,13 @@ class Runner:
 
   def __init__(self, variant, num_batches, sample_batch):
     self.config = config = load_config(variant)
-    tokenizer = text.tokenizer_from_config(config)
-    data = iter(input_pipeline.create_dataset(config.input, batch_size=config.batch_size,
-                                              tokenize=tokenizer.encode, seed=0))
-    self.batches = [next(data) for _ in range(num_batches)]
-    tx = train.make_optimizer(config)
-    graphdef, self.state, self.ema = train.init_state(config, tx)
-    self.step_fn = train.make_train_step(config, graphdef, tx)
+    tokenizer = tokenizer_lib.tokenizer_from_config(config)
+    batches = iter(data.create_dataset(config.input, batch_size=config.batch_size,
+                                       tokenize=tokenizer.encode, seed=0))
+    self.batches = [next(batches) for _ in range(num_batches)]
+    tx = optimizers.make_optimizer(config)
+    graphdef, self.state, self.ema = state_lib.init_state(config, tx)
+    self.step_fn = step_lib.make_train_step(config, graphdef, tx)
     self.pipe = TextToImagePipeline(config, jax.tree.map(np.asarray, self.ema), batch_size=sample_batch)
     self.prompts = list(config.sample.prompts) * (sample_batch // len(config.sample.prompts) + 1)
     self.prompts = self.prompts[:sample_batch]

@@ -1,7 +1,14 @@
-"""Shared test helpers: loading config files the way the CLI does, tiny model configs."""
+"""Shared test helpers: loading config files the way the CLI does, and the tests' own small configs.
+
+The unit tests build their models from `tests/micro_config.py` (`base_test_config`),
+not from `configs/ec_dit_tiny.py`: retuning the default run cannot change what a
+unit test sees.
+"""
 
 import importlib.util
 import pathlib
+
+from micro_config import get_config as base_test_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,7 +24,7 @@ def load_config(name: str, variant: str | None = None):
 
 def micro_config(variant: str | None = None, **ffn):
   """A very small model config (16x16x3, 4 layers, width 32) for fast model tests."""
-  config = load_config("ec_dit_tiny", variant)
+  config = base_test_config(variant)
   m = config.model
   m.input_size, m.patch_size, m.hidden_size, m.depth, m.num_heads = 16, 2, 32, 4, 4
   m.context_dim, m.context_len = 16, 6
@@ -28,8 +35,8 @@ def micro_config(variant: str | None = None, **ffn):
 
 
 def train_config(variant: str | None = None, **overrides):
-  """The tiny config shrunk so a few training steps take seconds."""
-  config = load_config("ec_dit_tiny", variant)
+  """The test base config shrunk so a few training steps take seconds."""
+  config = base_test_config(variant)
   m = config.model
   m.input_size, m.patch_size, m.hidden_size, m.depth, m.num_heads = 16, 4, 32, 2, 2
   m.context_dim, m.context_len = 32, 12

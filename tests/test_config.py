@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-from ec_dit import config_lib, summary
-from helpers import REPO, load_config
+from ec_dit import data, inference, schema, tokenizer as tokenizer_lib
+from ec_dit.geneval import prompts
+from ec_dit.tools import model_summary
+from helpers import REPO, load_config, base_test_config
 
 
 @pytest.mark.parametrize("name,d,depth,heads,experts", [
@@ -15,7 +17,7 @@ from helpers import REPO, load_config
     ("ec_dit_3xl", 2304, 42, 36, 32), ("ec_dit_m", 3072, 38, 48, 64)])
 def test_paper_configs(name, d, depth, heads, experts):
   config = load_config(name)
-  config_lib.validate(config)
+  schema.validate(config)
   m = config.model
   assert (m.hidden_size, m.depth, m.num_heads, m.ffn.num_experts) == (d, depth, heads, experts)
   assert (m.input_size, m.in_channels, m.patch_size) == (32, 4, 2)
@@ -26,7 +28,7 @@ def test_paper_configs(name, d, depth, heads, experts):
                                           ("dit_moe", "token_choice")])
 def test_tiny_variants_validate(variant, kind):
   config = load_config("ec_dit_tiny", variant)
-  config_lib.validate(config)
+  schema.validate(config)
   assert config.model.ffn.kind == kind
 
 
@@ -78,15 +80,15 @@ from contextlib import nullcontext  # noqa: E402
     ("input.image_size", 4, r"config\.input\.image_size"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
-  config = load_config("ec_dit_tiny")
+  config = base_test_config()
   _set(config, field, value)
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(config)
+    schema.validate(config)
 
 
 def test_cli_rejects_bad_sampler_before_training(tmp_path):
   """A typo in a sampling field fails at start-up, not after the whole training run."""
-  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_tiny.py",
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=tests/micro_config.py",
                         f"--workdir={tmp_path / 'run'}", "--config.sample.sampler=dpm"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
@@ -95,27 +97,27 @@ def test_cli_rejects_bad_sampler_before_training(tmp_path):
 
 
 def test_top_k_larger_than_experts():
-  config = load_config("ec_dit_tiny", "tc")
+  config = base_test_config("tc")
   config.model.ffn.top_k = 9
   with pytest.raises(ValueError, match=r"config\.model\.ffn\.top_k: must be in \[1, num_experts=8\], got 9"):
-    config_lib.validate(config)
+    schema.validate(config)
 
 
 def test_unknown_keys_are_rejected():
-  config = load_config("ec_dit_tiny")
+  config = base_test_config()
   with config.model.ffn.unlocked():
     config.model.ffn.capacity = 3
   with pytest.raises(ValueError, match=r"config\.model\.ffn\.capacity: unknown key"):
-    config_lib.validate(config)
-  config = load_config("ec_dit_tiny")
+    schema.validate(config)
+  config = base_test_config()
   with config.unlocked():
     config.trainer = {}
   with pytest.raises(ValueError, match=r"config\.trainer: unknown key"):
-    config_lib.validate(config)
+    schema.validate(config)
 
 
 def test_summary_of_xl_from_shapes_only():
-  stats = summary.summarize(load_config("ec_dit_xl").model)
+  stats = model_summary.summarize(load_config("ec_dit_xl").model)
   assert stats["num_moe_layers"] == 14
   d, h, e = 1152, 4 * 1152, 32
   assert stats["expert_params"] == 14 * e * (2 * d * h + h + d)
@@ -129,15 +131,15 @@ def test_flops_match_xla_cost_analysis():
   import jax.numpy as jnp
   from flax import nnx
   for variant in ("dense", "ec"):
-    m = load_config("ec_dit_tiny", variant).model
+    m = base_test_config(variant).model
     m.ffn.dispatch = "gather"  # the einsum dispatch's one-hot matmuls are bookkeeping, not model FLOPs
-    graph, state = nnx.split(summary.abstract_model(m))
+    graph, state = nnx.split(model_summary.abstract_dit(m))
     sds = jax.ShapeDtypeStruct
     args = (state, sds((1, 32, 32, 3), jnp.float32), sds((1,), jnp.float32),
             sds((1, m.context_len, m.context_dim), jnp.float32), sds((1, m.context_len), bool))
     cost = jax.jit(lambda s, *a: nnx.merge(graph, s)(*a)[0]).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    assert cost["flops"] == pytest.approx(summary.flops_per_image(m), rel=0.05)
+    assert cost["flops"] == pytest.approx(model_summary.flops_per_image(m), rel=0.05)
 
 
 def test_summary_cli_for_the_97b_config():
@@ -152,7 +154,7 @@ def test_summary_cli_for_the_97b_config():
 
 
 def test_cli_rejects_bad_override_before_building():
-  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_tiny.py", "--mode=summary",
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=tests/micro_config.py", "--mode=summary",
                         "--config.model.ffn.kind=switch"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "config.model.ffn.kind: must be one of" in out.stderr
@@ -160,25 +162,22 @@ def test_cli_rejects_bad_override_before_building():
 
 def test_run_config_from_an_older_version_gets_new_keys_as_defaults(tmp_path):
   """A run saved before a key existed still loads: the key takes its default."""
-  from ec_dit import pipeline
-  saved = load_config("ec_dit_tiny").to_dict()
+  saved = base_test_config().to_dict()
   del saved["model"]["prediction"]
   saved["sample"]["prompts"] = ["a photo of a red circle"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  config = pipeline.load_run_config(str(tmp_path))
-  assert config.model.prediction == config_lib.base_config().model.prediction
+  config = inference.load_run_config(str(tmp_path))
+  assert config.model.prediction == schema.base_config().model.prediction
   assert list(config.sample.prompts) == ["a photo of a red circle"]  # saved values win
-  config_lib.validate(config)
+  schema.validate(config)
 
 
 def test_tiny_text_context_truncates_none_of_its_prompts():
   """The tiny config's 12-token context holds its training captions, its scored prompts and its grid prompts."""
-  from ec_dit import input_pipeline, text
-  from ec_dit.geneval import prompts
   config = load_config("ec_dit_tiny")
-  tokenizer = text.tokenizer_from_config(config)
+  tokenizer = tokenizer_lib.tokenizer_from_config(config)
   suite = prompts.suite_from_config(config.geneval)
-  source = input_pipeline.make_source(config.input)
+  source = data.make_source(config.input)
   captions = ([p["prompt"] for p in suite] + list(config.sample.prompts)
               + [source[i]["caption"] for i in range(300)])
   length, longest = max((len(tokenizer.pieces(c)), c) for c in captions)

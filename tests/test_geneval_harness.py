@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ec_dit.data import shapes_world as sw
-from ec_dit.geneval import harness, prompts, summary
+from ec_dit.geneval import harness, prompts, scores
 from ec_dit.geneval.detectors import ShapesWorldDetector, connected_components
 
 DET = ShapesWorldDetector()
@@ -17,7 +17,7 @@ def score(images_and_meta):
   for img, meta in images_and_meta:
     ok, reason, kept = harness.evaluate_image(img, meta, DET)
     rows.append(harness.result_row("x.png", meta, ok, reason, kept))
-  return summary.summarize(rows)
+  return scores.summarize(rows)
 
 
 @pytest.mark.parametrize("size,n,stride", [(32, 4, 1), (64, 2, 1), (128, 1, 2)])

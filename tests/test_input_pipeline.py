@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from ec_dit import input_pipeline as ip
+from ec_dit import data as ip
 from ec_dit.data import shapes_world as sw
 
 L = 12

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import dit, summary
+from ec_dit.model import dit
+from ec_dit.tools import model_summary
 from helpers import micro_config
 
 
@@ -30,8 +31,8 @@ def _randomize(model, seed=1):
 
 @pytest.mark.parametrize("variant", ["ec", "tc", "dit_moe", "dense"])
 def test_every_parameter_has_logical_axis_names(variant):
-  model = summary.abstract_model(micro_config(variant).model)
-  rows = summary.param_table(model)
+  model = model_summary.abstract_dit(micro_config(variant).model)
+  rows = model_summary.param_table(model)
   assert rows
   for path, shape, axes in rows:
     assert len(axes) == len(shape) and all(isinstance(a, str) for a in axes), path
@@ -50,7 +51,7 @@ def test_full_model_parameter_shapes_per_ffn_kind():
   shapes = {}
   for variant in ("ec", "tc", "dit_moe", "dense"):
     m = micro_config(variant).model
-    shapes[variant] = {p: s for p, s, _ in summary.param_table(summary.abstract_model(m))}
+    shapes[variant] = {p: s for p, s, _ in model_summary.param_table(model_summary.abstract_dit(m))}
   ec = shapes["ec"]
   assert ec["blocks/1/ffn/experts/wi"] == (4, 32, 128)
   assert ec["blocks/1/ffn/experts/wo"] == (4, 128, 32)

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from ec_dit import train
+from ec_dit.training import loop as train
 from helpers import REPO, read_losses, train_config
 
 MESH = dict(data=2, fsdp=2, expert=2, tensor=1)  # data spans the two processes
@@ -42,7 +42,7 @@ def _launch_two_processes(workdir, num_train_steps):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps).items()]
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'configs' / 'ec_dit_tiny.py'}",
+      [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'tests' / 'micro_config.py'}",
        f"--workdir={workdir}", "--mode=train", f"--coordinator_address=localhost:{port}",
        "--num_processes=2", f"--process_id={i}", *flags],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from ec_dit import config_lib, muon, train
+from ec_dit import schema
+from ec_dit.training import muon, optimizers, state as state_lib
 from tests.helpers import train_config
 
 
@@ -68,7 +69,7 @@ def test_scale_by_muon_is_orthogonalised_nesterov_momentum():
 @pytest.mark.parametrize("experts", [True, False])
 def test_param_labels_pick_the_hidden_matrices(experts):
   config = train_config(None)
-  _, params = train.init_model(config)
+  _, params = state_lib.init_model(config)
   labels = muon.param_labels(params, experts=experts)
   blocks = labels["dit"]["blocks"]
   assert blocks[0]["attn"]["qkv"]["kernel"] == "muon"
@@ -87,8 +88,8 @@ def test_param_labels_pick_the_hidden_matrices(experts):
 
 def test_muon_optimizer_trains_and_leaves_adamw_params_on_adamw():
   config = train_config(None, optimizer="muon", muon__experts=True, muon__ns_steps=5)
-  tx = train.make_optimizer(config)
-  _, params = train.init_model(config)
+  tx = optimizers.make_optimizer(config)
+  _, params = state_lib.init_model(config)
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
   state = tx.init(params)
   updates, _ = tx.update(grads, state, params)
@@ -116,4 +117,4 @@ def test_muon_optimizer_trains_and_leaves_adamw_params_on_adamw():
 def test_bad_optimizer_fields_are_named(field, value, match):
   config = train_config(None, **{field: value})
   with pytest.raises(ValueError, match=match):
-    config_lib.validate_training(config)
+    schema.validate_training(config)

@@ -15,7 +15,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ec_dit import aot, config_lib, diffusion, sharding, train
+from ec_dit import diffusion, schema, sharding
+from ec_dit.model import abstract_model
+from ec_dit.tools import compile_report as aot
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from helpers import train_config
 
 MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 8, 1), (1, 2, 2, 2), (2, 1, 2, 2)]
@@ -68,7 +71,7 @@ def test_mesh_config_is_validated(field, value, match):
   config = _config()
   config.mesh[field] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(config)
+    schema.validate(config)
 
 
 def test_mesh_shape_resolves_the_rest_and_checks_the_device_count():
@@ -84,9 +87,9 @@ def test_mesh_shape_resolves_the_rest_and_checks_the_device_count():
 def test_every_parameter_is_sharded_by_its_logical_axes():
   config = _config(mesh=(1, 2, 2, 2), optimizer="adamw")
   mesh = _mesh(config)
-  tx = train.make_optimizer(config)
-  graphdef, state, ema = train.init_state(config, tx, mesh)
-  abstract = nnx.state(nnx.eval_shape(lambda: train.model_lib.TextToImage(config, rngs=nnx.Rngs(0))), nnx.Param)
+  tx = optimizers.make_optimizer(config)
+  graphdef, state, ema = state_lib.init_state(config, tx, mesh)
+  abstract = nnx.state(abstract_model(config), nnx.Param)
   flat_vars = dict(nnx.to_flat_state(abstract))
   flat_params = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
   assert len(flat_vars) == len(flat_params) > 20
@@ -120,8 +123,8 @@ def test_every_parameter_is_sharded_by_its_logical_axes():
 
 def test_muon_and_adamw_states_inside_a_partition_follow_their_parameters():
   config = _config(mesh=(1, 2, 2, 2), optimizer="muon", muon__experts=False)
-  tx = train.make_optimizer(config)
-  _, state, _ = train.init_state(config, tx, _mesh(config))
+  tx = optimizers.make_optimizer(config)
+  _, state, _ = state_lib.init_state(config, tx, _mesh(config))
   inner = state["opt_state"][1].inner_states
   muon_mu = inner["muon"].inner_state[0].mu
   adam_mu = inner["adamw"].inner_state[0].mu
@@ -145,9 +148,9 @@ def _batch(config, seed=0):
 
 def _probe(config, mesh, host_state, host_ema, batch):
   """(velocity, grads, next state, next ema, metrics) computed on `mesh`, as numpy."""
-  tx = train.make_optimizer(config)
-  graphdef, _, _, sh = sharding.train_state_shardings(config, tx, mesh)
-  step = train.make_train_step(config, graphdef, tx, mesh).__wrapped__  # the traced body of the real step
+  tx = optimizers.make_optimizer(config)
+  graphdef, _, _, sh = state_lib.train_state_shardings(config, tx, mesh)
+  step = step_lib.make_train_step(config, graphdef, tx, mesh).__wrapped__  # the traced body of the real step
   b = config.batch_size
 
   def probe(state, ema, batch):
@@ -171,8 +174,8 @@ def _probe(config, mesh, host_state, host_ema, batch):
 @pytest.mark.parametrize("variant", ["ec", "tc"])
 def test_sharded_forward_gradient_and_train_step_equal_single_device(variant):
   config = _config(variant, warmup_steps=0)  # a non-zero learning rate at the first step
-  tx = train.make_optimizer(config)
-  _, state, _ = train.init_state(config, tx, _mesh(_config(variant, mesh=(1, 1, 1, 1)), 1))
+  tx = optimizers.make_optimizer(config)
+  _, state, _ = state_lib.init_state(config, tx, _mesh(_config(variant, mesh=(1, 1, 1, 1)), 1))
   # perturb the zero-initialised adaLN / output layers so that every path carries signal
   leaves, treedef = jax.tree.flatten(jax.device_get(state["params"]))
   rng = np.random.default_rng(1)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import diffusion, model as model_lib, text
-from ec_dit.pipeline import TextToImagePipeline
+from ec_dit import diffusion, model as model_lib, tokenizer
+from ec_dit.inference import TextToImagePipeline
+from ec_dit.model import text_encoder
 from helpers import train_config
 
 
 def test_tokenizer_empty_long_and_non_ascii():
-  tok = text.Tokenizer("words", vocab_size=512, max_len=8)
+  tok = tokenizer.Tokenizer("words", vocab_size=512, max_len=8)
   ids, mask = tok.encode("")
   assert ids.shape == (8,) and not mask.any()  # the empty prompt is unconditional
   with pytest.warns(UserWarning, match="truncated"):
@@ -28,12 +29,12 @@ def test_tokenizer_empty_long_and_non_ascii():
 
 
 def test_byte_tokenizer_round_trips_unicode():
-  tok = text.Tokenizer("bytes", vocab_size=259, max_len=64)
+  tok = tokenizer.Tokenizer("bytes", vocab_size=259, max_len=64)
   prompt = "ü 猫 🟥"
   ids, mask = tok.encode(prompt)
   assert bytes(int(i) - 1 for i in ids[mask]).decode("utf-8") == prompt
   with pytest.raises(ValueError, match="config.text.tokenizer"):
-    text.Tokenizer("sentencepiece")
+    tokenizer.Tokenizer("sentencepiece")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     tok.encode("short")  # no warning when it fits
@@ -42,7 +43,7 @@ def test_byte_tokenizer_round_trips_unicode():
 def test_text_encoder_sees_word_order_from_initialisation():
   """Attribute binding needs word order: the same word at two positions must get different
   features before any training (positions initialised at 2% of a token's scale did not)."""
-  enc = text.TextEncoder(vocab_size=64, max_len=16, width=128, depth=2, num_heads=4, rngs=nnx.Rngs(0))
+  enc = text_encoder.TextEncoder(vocab_size=64, max_len=16, width=128, depth=2, num_heads=4, rngs=nnx.Rngs(0))
   tokens = jnp.asarray([[5, 9, 7, 9, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
   feats = np.asarray(enc(tokens, tokens > 0))[0]
   cos = feats[1] @ feats[3] / (np.linalg.norm(feats[1]) * np.linalg.norm(feats[3]))
@@ -100,7 +101,7 @@ def _trained_looking_model(config):
 def test_cached_and_uncached_text_kv_sampling_agree(sampler, parallel):
   config = train_config()
   model = _trained_looking_model(config)
-  tok = text.tokenizer_from_config(config)
+  tok = tokenizer.tokenizer_from_config(config)
   tokens, mask = tok.encode_batch(["a photo of a red circle", "a photo of two blue squares", ""])
   kwargs = dict(image_shape=(16, 16, 3), num_steps=3, guidance_scale=3.0, guidance_parallel=parallel,
                 sampler=sampler)

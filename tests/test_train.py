@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from ec_dit import train
+from ec_dit import inference
+from ec_dit.training import loop as train, step as step_lib
 from helpers import REPO, read_losses, train_config
 
 RUNNER = pathlib.Path(__file__).with_name("train_runner.py")
@@ -56,7 +57,7 @@ def test_end_to_end_train_and_evaluate(tmp_path, capsys):
   assert json.loads(last)["overall"] == pytest.approx(scores["overall"])
   assert _checkpoint_steps(tmp_path) == [2, 4, 6]
   # sample mode from the finished run
-  paths = train.sample_to_files(str(tmp_path), ["a photo of a blue square", ""], num_images=2)
+  paths = inference.sample_to_files(str(tmp_path), ["a photo of a blue square", ""], num_images=2)
   assert len(paths) == 4 and all(os.path.exists(p) for p in paths)
   # the harness CLI generates GenEval's layout from the run
   prompts = tmp_path / "geneval" / "prompts.jsonl"
@@ -109,7 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path, monkeypatch):
-  original = train.make_train_step
+  original = step_lib.make_train_step
 
   def make_poisoned(config, graphdef, tx):
     step_fn = original(config, graphdef, tx)
@@ -122,7 +123,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path, monk
       return state, ema, metrics
     return poisoned
 
-  monkeypatch.setattr(train, "make_train_step", make_poisoned)
+  monkeypatch.setattr(step_lib, "make_train_step", make_poisoned)
   with pytest.raises(FloatingPointError, match="non-finite loss nan at step 3"):
     train.train(train_config(), str(tmp_path))
   assert _checkpoint_steps(tmp_path) == [2]

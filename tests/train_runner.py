@@ -6,7 +6,7 @@ Usage: train_runner.py WORKDIR [JSON overrides] [train|train_and_evaluate]
 import json
 import sys
 
-from ec_dit import train
+from ec_dit.training import loop as train
 from helpers import train_config
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ec_dit.geneval.rules import RELATIONS, relative_position
+from ec_dit.vocabulary import CAPTION_TASKS, NUMBERS, RELATIONS, SHAPES, plural, relative_position, with_article
 
-SHAPES = ("circle", "square", "triangle")
 PALETTE = {
     "red": (220, 40, 40),
     "orange": (245, 140, 30),
@@ -42,19 +41,7 @@ PALETTE = {
 }
 COLOR_NAMES = tuple(PALETTE)
 BACKGROUND = (128, 128, 128)
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-CAPTION_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "descriptive")
 SUPERSAMPLE = 4
-
-
-def with_article(word: str) -> str:
-  """'a circle', 'an orange circle' (GenEval's rule: vowel first letter)."""
-  return f"an {word}" if word[0] in "aeiou" else f"a {word}"
-
-
-def plural(word: str) -> str:
-  """GenEval's plural rule: add 'es' after a final 's', else 's'."""
-  return f"{word}es" if word.endswith("s") else f"{word}s"
 
 
 @dataclasses.dataclass(frozen=True)

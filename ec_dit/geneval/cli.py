@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ec_dit.geneval import harness, layout, prompts as prompts_lib, summary as summary_lib
+from ec_dit.geneval import generate, harness, layout, prompts as prompts_lib, scores as scores_lib
+from ec_dit.inference import TextToImagePipeline
 
 
 def _cmd_prompts(a) -> int:
@@ -49,23 +50,30 @@ def _cmd_evaluate(a) -> int:
     print(f"no samples found under {a.images}", file=sys.stderr)
     return 1
   print(f"evaluated {len(rows)} images; wrote {a.out}")
-  print(summary_lib.format_summary(summary_lib.summarize(rows)))
+  print(scores_lib.format_summary(scores_lib.summarize(rows)))
   return 0
 
 
 def _cmd_generate(a) -> int:
-  from ec_dit import train  # imports jax: only for this command
-  from ec_dit.pipeline import TextToImagePipeline
   ps = prompts_lib.load_prompts(a.prompts)
   pipe = TextToImagePipeline.from_run(a.workdir, step=a.step, batch_size=a.batch_size)
-  train.generate_into(pipe, ps, a.out, n=a.n, seed=a.seed, progress=not a.quiet)
+  generate.generate_into(pipe, ps, a.out, n=a.n, seed=a.seed, progress=not a.quiet)
   print(f"generated {len(ps)} prompts x {a.n} samples into {a.out}")
   return 0
 
 
 def _cmd_summary(a) -> int:
-  print(summary_lib.format_summary(summary_lib.summarize(a.results)))
+  print(scores_lib.format_summary(scores_lib.summarize(a.results)))
   return 0
+
+
+def _image_folder_args(s, prompts_help: str, out_help: str, seed_help: str) -> None:
+  """The arguments of the commands that write n images per prompt into a folder."""
+  s.add_argument("--prompts", required=True, help=prompts_help)
+  s.add_argument("--out", required=True, help=out_help)
+  s.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
+  s.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,24 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(fn=_cmd_validate)
 
   s = sub.add_parser("render", help="render ShapesWorld ground truth for a prompt file")
-  s.add_argument("--prompts", required=True, help="prompt .jsonl file (ShapesWorld classes)")
-  s.add_argument("--out", required=True, help="output image folder")
-  s.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
+  _image_folder_args(s, "prompt .jsonl file (ShapesWorld classes)", "output image folder", "random seed")
   s.add_argument("--size", type=int, default=32, help="canvas size in pixels (default 32)")
-  s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
   s.add_argument("--noise", type=float, default=0.0, help="Gaussian pixel noise std (default 0)")
-  s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.set_defaults(fn=_cmd_render)
 
   s = sub.add_parser("generate", help="generate samples for a prompt file from a training run")
   s.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
-  s.add_argument("--prompts", required=True, help="prompt .jsonl file")
-  s.add_argument("--out", required=True, help="output image folder (GenEval's layout)")
-  s.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
-  s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+  _image_folder_args(s, "prompt .jsonl file", "output image folder (GenEval's layout)", "sampling seed")
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   s.add_argument("--batch-size", type=int, default=64, help="images per jitted call (default 64)")
-  s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.set_defaults(fn=_cmd_generate)
 
   s = sub.add_parser("evaluate", help="score an image folder with GenEval's rules")

@@ -3,9 +3,9 @@
 The CLI (:mod:`ec_dit.geneval.cli`) is a thin wrapper over these functions;
 a training loop can call them directly::
 
-  from ec_dit.geneval import harness, summary
+  from ec_dit.geneval import harness, scores
   rows = harness.evaluate_images("out/images", "out/results.jsonl")
-  print(summary.format_summary(summary.summarize(rows)))
+  print(scores.format_summary(scores.summarize(rows)))
 """
 from __future__ import annotations
 

@@ -10,13 +10,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+
+from ec_dit.images import load_image, make_grid, save_png
+
+__all__ = ["check_folder", "iter_prompt_folders", "load_image", "make_grid", "prompt_dir", "read_metadata",
+           "sample_files", "save_png", "write_prompt_folder"]
 
 _SAMPLE = re.compile(r"^\d+\.png$")
 
@@ -24,30 +27,6 @@ _SAMPLE = re.compile(r"^\d+\.png$")
 def prompt_dir(root: str, index: int) -> str:
   """``root/00000`` for prompt ``index``."""
   return os.path.join(root, f"{index:05d}")
-
-
-def make_grid(images: Sequence[np.ndarray], cols: int | None = None, pad: int = 1) -> np.ndarray:
-  """Tile equally sized HxWx3 uint8 images (row-major, ``pad`` px black gaps)."""
-  if not images:
-    raise ValueError("no images to tile")
-  h, w = images[0].shape[:2]
-  cols = cols or math.ceil(math.sqrt(len(images)))
-  rows = math.ceil(len(images) / cols)
-  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-  for k, im in enumerate(images):
-    r, c = divmod(k, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im[..., :3]
-  return grid
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-  Image.fromarray(np.asarray(image, np.uint8)).save(path)
-
-
-def load_image(path: str) -> np.ndarray:
-  """An image file as uint8 HxWx3 RGB."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
 
 
 def write_prompt_folder(root: str, index: int, metadata: dict, images: Sequence[np.ndarray],

@@ -18,8 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ec_dit.data.shapes_world import NUMBERS, SHAPES, plural, with_article
-from ec_dit.geneval.rules import COLORS, RELATIONS, TASKS
+from ec_dit.vocabulary import COLORS, NUMBERS, RELATIONS, SHAPES, TASKS, plural, with_article
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",

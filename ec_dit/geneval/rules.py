@@ -28,14 +28,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-RELATIONS = ("left of", "right of", "above", "below")
+from ec_dit.vocabulary import COLORS, POSITION_THRESHOLD, RELATIONS, relative_position
+
 
 THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16
-POSITION_THRESHOLD = 0.1
 
 
 @dataclasses.dataclass
@@ -94,37 +92,6 @@ def select_detections(detections: Mapping[str, Sequence[Detection]], tag: str,
     if sel:
       kept[cls] = sel
   return kept
-
-
-def relative_position(box_a, box_b, margin: float = POSITION_THRESHOLD) -> set:
-  """Relations of box A relative to box B ("left of", "right of", "above", "below").
-
-  The centre offset is shrunk towards zero by ``margin * (dim_a + dim_b)`` per
-  axis; if nothing is left the objects are "on top of each other" and the
-  set is empty. A relation holds when the shrunk offset, divided by the
-  length of the *unshrunk* offset, exceeds 0.5 along that axis.
-  """
-  a = np.asarray(box_a, dtype=np.float64)[:4]
-  b = np.asarray(box_b, dtype=np.float64)[:4]
-  ca = (a[:2] + a[2:]) / 2.0
-  cb = (b[:2] + b[2:]) / 2.0
-  dim_a = np.abs(a[2:] - a[:2])
-  dim_b = np.abs(b[2:] - b[:2])
-  offset = ca - cb
-  shrunk = np.sign(offset) * np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0.0)
-  if np.all(np.abs(shrunk) < 1e-3):
-    return set()
-  dx, dy = shrunk / np.linalg.norm(offset)
-  rel = set()
-  if dx < -0.5:
-    rel.add("left of")
-  if dx > 0.5:
-    rel.add("right of")
-  if dy < -0.5:
-    rel.add("above")
-  if dy > 0.5:
-    rel.add("below")
-  return rel
 
 
 def _ordered(rels):

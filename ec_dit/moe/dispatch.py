@@ -18,10 +18,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ec_dit import schema
 from ec_dit.moe.routing import SlotAssignment
 
 ExpertFn = Callable[[jax.Array], jax.Array]
-DISPATCH_METHODS = ("einsum", "gather")
+DISPATCH_METHODS = schema.DISPATCHES
 
 
 def dispatch_einsum(x_gsd: jax.Array, slots: SlotAssignment, expert_fn: ExpertFn) -> jax.Array:

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ec_dit import nn
-from ec_dit import sharding
+from ec_dit import primitives, schema, sharding
 from ec_dit.moe import dispatch as dispatch_lib
 from ec_dit.moe import routing
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = schema.ACTIVATIONS
 _expert_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0,))
 _router_init = nnx.initializers.normal(stddev=0.02)
 
@@ -28,15 +27,15 @@ class DenseMLP(nnx.Module):
   def __init__(self, d: int, hidden: int, *, activation: str = "gelu", rngs: nnx.Rngs,
                dtype=jnp.float32):
     self.activation = activation
-    self.wi = nn.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.wg = nn.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype) if activation == "swiglu" else None
-    self.wo = nn.Linear(hidden, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.wi = primitives.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.wg = primitives.Linear(d, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype) if activation == "swiglu" else None
+    self.wo = primitives.Linear(hidden, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
     if self.activation == "swiglu":
       h = jax.nn.silu(self.wg(x)) * self.wi(x)
     else:
-      h = nn.gelu(self.wi(x))
+      h = primitives.gelu(self.wi(x))
     return self.wo(h), {}
 
 
@@ -52,12 +51,12 @@ class Experts(nnx.Module):
     self.activation = activation
     self.dtype = dtype
     e = num_experts
-    self.wi = nn.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
-    self.bi = nn.param(rngs, nn.zeros_init, (e, hidden), ("expert", "expert_mlp"))
-    self.wg = (nn.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
+    self.wi = primitives.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
+    self.bi = primitives.param(rngs, primitives.zeros_init, (e, hidden), ("expert", "expert_mlp"))
+    self.wg = (primitives.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
                if activation == "swiglu" else None)
-    self.wo = nn.param(rngs, _expert_init, (e, hidden, d), ("expert", "expert_mlp", "embed"))
-    self.bo = nn.param(rngs, nn.zeros_init, (e, d), ("expert", "embed"))
+    self.wo = primitives.param(rngs, _expert_init, (e, hidden, d), ("expert", "expert_mlp", "embed"))
+    self.bo = primitives.param(rngs, primitives.zeros_init, (e, d), ("expert", "embed"))
 
   def _w(self, p):
     return p[...].astype(self.dtype)
@@ -82,7 +81,7 @@ class Experts(nnx.Module):
     if self.wg is not None:
       h_egch = jax.nn.silu(jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wg))) * h_egch
     else:
-      h_egch = nn.gelu(h_egch)
+      h_egch = primitives.gelu(h_egch)
     h_egch = sharding.constrain(h_egch, ("expert", "expert_group", None, "expert_mlp"))
     y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._w(self.bo)[:, None, None, :]
     return sharding.constrain(jnp.swapaxes(y_egcd, 0, 1), ("expert_group", "expert", None, None))
@@ -94,7 +93,7 @@ class Experts(nnx.Module):
     if self.wg is not None:
       h_nh = jax.nn.silu(jax.lax.ragged_dot(x_nd, self._w(self.wg), group_sizes)) * h_nh
     else:
-      h_nh = nn.gelu(h_nh)
+      h_nh = primitives.gelu(h_nh)
     return jax.lax.ragged_dot(h_nh, self._w(self.wo), group_sizes) + self._w(self.bo)[expert_of_row]
 
 
@@ -113,11 +112,16 @@ def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
   return sharding.constrain(x.reshape(b * s // group_size, group_size, d), ("batch", None, None))
 
 
-class _Router(nnx.Module):
-  """Linear router producing float32 logits [G, S, E]."""
+class Router(nnx.Module):
+  """The router of EC-DiT: S = softmax(X W_g), in float32.
+
+  `router(x_gsd)` gives the logits X W_g [G, S, E] (W_g [D, E], no bias, float32);
+  `router.route(x, router_input, group_size)` groups the tokens and returns
+  (x_gsd, logits, S) with S = `routing.router_probabilities(logits)`.
+  """
 
   def __init__(self, d: int, num_experts: int, *, rngs: nnx.Rngs):
-    self.proj = nn.Linear(d, num_experts, ("embed", "unmodeled"), use_bias=False,
+    self.proj = primitives.Linear(d, num_experts, ("embed", "unmodeled"), use_bias=False,
                           kernel_init=_router_init, rngs=rngs, dtype=jnp.float32)
 
   def __call__(self, router_input_gsd: jax.Array) -> jax.Array:
@@ -151,6 +155,15 @@ def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape):
   }
 
 
+def _init_routed(layer: nnx.Module, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype):
+  """What both MoE kinds hold: E experts behind a router, a dispatch method and a routing group size."""
+  layer.num_experts = num_experts
+  layer.dispatch = dispatch
+  layer.group_size = group_size
+  layer.router = Router(d, num_experts, rngs=rngs)
+  layer.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
+
+
 class ExpertChoiceMoE(nnx.Module):
   """EC-DiT's expert-choice MoE: in each routing group, every expert takes its top-C tokens.
 
@@ -164,14 +177,10 @@ class ExpertChoiceMoE(nnx.Module):
   def __init__(self, d: int, *, num_experts: int, hidden: int, train_capacity_factor: float = 2.0,
                eval_capacity_factor: float = 2.0, dispatch: str = "einsum", group_size: int = 0,
                activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
-    self.num_experts = num_experts
+    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype)
     self.train_capacity_factor = train_capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
-    self.dispatch = dispatch
-    self.group_size = group_size
     self.deterministic = False
-    self.router = _Router(d, num_experts, rngs=rngs)
-    self.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
 
   def capacity(self, group_tokens: int) -> int:
     cf = self.eval_capacity_factor if self.deterministic else self.train_capacity_factor
@@ -199,14 +208,10 @@ class TokenChoiceMoE(nnx.Module):
   def __init__(self, d: int, *, num_experts: int, hidden: int, k: int = 2, num_shared_experts: int = 0,
                capacity_factor: float = 0.0, renormalize_gates: bool = False, dispatch: str = "einsum",
                group_size: int = 0, activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
-    self.num_experts = num_experts
+    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype)
     self.k = k
     self.capacity_factor = capacity_factor
     self.renormalize_gates = renormalize_gates
-    self.dispatch = dispatch
-    self.group_size = group_size
-    self.router = _Router(d, num_experts, rngs=rngs)
-    self.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
     self.shared = nnx.List([DenseMLP(d, hidden, activation=activation, rngs=rngs, dtype=dtype)
                             for _ in range(num_shared_experts)])
 

@@ -3,6 +3,25 @@
 Everything here is a pure function of float32 router probabilities, so it can be
 tested against golden values and reused outside the layers.
 
+EC-DiT (Sun et al. 2024, arXiv 2410.02098) routes by expert choice (Zhou et al.
+2022, "Mixture-of-Experts with Expert Choice Routing"). Its symbols, for one
+routing group of S tokens X [S, D], E experts of capacity C = S * c / E:
+
+  S = softmax(X W_g)        router probabilities [S, E], float32:
+                            `ec_dit.moe.layers.Router` (X W_g) and
+                            `router_probabilities` (the softmax)
+  (G, I) = TopK(S^T, C)     each expert's C highest-scoring tokens and their
+                            gates [E, C]: `expert_choice` (`capacity` gives C)
+  P = one-hot(I)            the dispatch [E, C, S]: `ec_dit.moe.dispatch`
+                            (`dispatch_einsum` builds P; `dispatch_gather`
+                            indexes with I instead)
+  Y = sum_e,c G[e,c] P[e,c]^T FFN_e(P[e] X)
+                            the combine: each token's output is the gated sum
+                            of the experts that took it (same functions)
+
+Token choice (DiT-MoE) is `token_choice` + `token_choice_slots` and
+`balance_loss`.
+
 Dimension letters used in names and einsums throughout `ec_dit.moe`:
   g  routing group        s  token within a group     e  expert
   c  capacity slot        k  choice of a token        d  model width
@@ -59,7 +78,7 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 def expert_choice(router_probs: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Expert-choice routing (EC-DiT, Zhou et al. 2022): each expert takes its top-C tokens.
+  """Expert-choice routing (Zhou et al. 2022; EC-DiT): (G, I) = TopK(S^T, C), each expert's top-C tokens.
 
   Args:
     router_probs: [G, S, E] float32 router probabilities.

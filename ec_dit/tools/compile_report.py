@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the train step: does a config fit its mesh? (`--mode=compile`)
 
-Lowers and compiles the real train step (`ec_dit.train.make_train_step`, with
+Lowers and compiles the real train step (`ec_dit.training.step.make_train_step`, with
 its in/out shardings and donation) for the configured mesh, from abstract
 inputs only (`jax.ShapeDtypeStruct`s with shardings): no weight is ever
 allocated, so a 97B model can be checked on a laptop with fake CPU devices:
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec_dit import sharding
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 
 GiB = 1024 ** 3
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -55,18 +56,17 @@ def compile_train_step(config, mesh=None, *, param_dtype: str = "float32"):
   `param_dtype` "bfloat16" stores parameters, EMA and Adam moments in bfloat16
   for this analysis only (training keeps float32 parameters).
   """
-  from ec_dit import train
   if param_dtype not in PARAM_DTYPES:
     raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  tx = train.make_optimizer(config)
+  tx = optimizers.make_optimizer(config)
   t0 = time.time()
-  graphdef, state, ema, _ = sharding.train_state_shardings(config, tx, mesh)
+  graphdef, state, ema, _ = state_lib.train_state_shardings(config, tx, mesh)
   if param_dtype != "float32":
     dtype = jnp.dtype(param_dtype)
     state = dict(state, params=_cast(state["params"], dtype), opt_state=_cast(state["opt_state"], dtype))
     ema = _cast(ema, dtype)
-  step = train.make_train_step(config, graphdef, tx, mesh)
+  step = step_lib.make_train_step(config, graphdef, tx, mesh)
   lowered = step.lower(state, ema, abstract_batch(config, mesh))
   t1 = time.time()
   compiled = lowered.compile()

@@ -12,17 +12,21 @@ token-choice layer tokens * k, plus its shared experts.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from flax import nnx
 
-from ec_dit import dit
+from ec_dit import schema
+from ec_dit.model import abstract_model, dit
 
 
-def abstract_model(model_config) -> dit.DiT:
-  """The DiT with ShapeDtypeStructs in place of arrays (no memory allocated)."""
-  return nnx.eval_shape(lambda: dit.DiT(model_config, rngs=nnx.Rngs(0)))
+def abstract_dit(model_config) -> dit.DiT:
+  """The DiT of `model_config` with ShapeDtypeStructs in place of arrays (no memory allocated)."""
+  config = schema.base_config()
+  config.model = model_config
+  return abstract_model(config).dit
 
 
 def _path_str(path) -> str:
@@ -75,7 +79,7 @@ def flops_per_image(m) -> int:
 
 def summarize(model_config) -> dict[str, Any]:
   """Parameter counts and FLOPs of the configured DiT, from shapes only."""
-  model = abstract_model(model_config)
+  model = abstract_dit(model_config)
   rows = param_table(model)
   total = sum(math.prod(shape) for _, shape, _ in rows)
   expert = sum(math.prod(shape) for path, shape, _ in rows if "/experts/" in path)
@@ -107,7 +111,7 @@ def _human(n: float) -> str:
 
 def format_table(model_config, stats: dict[str, Any]) -> str:
   """A human-readable table: parameters by component, then the totals."""
-  model = abstract_model(model_config)
+  model = abstract_dit(model_config)
   groups: dict[str, int] = {}
   for path, shape, _ in param_table(model):
     parts = path.split("/")
@@ -128,7 +132,6 @@ def format_table(model_config, stats: dict[str, Any]) -> str:
 
 def print_summary(config) -> dict[str, Any]:
   """Prints the table, then one JSON line (last, for scripts); returns the stats."""
-  import json
   stats = summarize(config.model)
   print(format_table(config.model, stats))
   print(json.dumps(stats), flush=True)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
-from ec_dit import attention, embeddings, nn
+from ec_dit import primitives, schema
+from ec_dit.model import attention, embeddings
 from ec_dit.moe import layers as moe_layers
 
-# Activation checkpointing per block: name -> jax.checkpoint policy (None = no remat).
+# Activation checkpointing per block: name (schema.REMAT_POLICIES) -> jax.checkpoint policy (None = no remat).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -39,7 +40,7 @@ REMAT_POLICIES = {
 #       "Back to Basics: Let Denoising Generative Models Denoise"). In pixel space the
 #       clean image is far simpler to produce than the noise-laden velocity, which a
 #       small transformer otherwise has to carry through every block.
-PREDICTIONS = ("velocity", "x0")
+PREDICTIONS = schema.PREDICTIONS
 X0_MIN_T = 0.05  # x0 mode: t in the denominator is clipped here (JiT clips alike)
 
 
@@ -82,20 +83,20 @@ class DiTBlock(nnx.Module):
   def __init__(self, index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d = model_config.hidden_size
     self.decoupled_routing = bool(model_config.ffn.decoupled_routing)
-    self.adaln = nn.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
+    self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
     self.attn = attention.SelfAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.cross_attn = attention.CrossAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.ffn = make_ffn(index, model_config, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, c: jax.Array, kv: attention.TextKV, mask: jax.Array):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
-    x = x + gate1[:, None] * self.attn(nn.modulate(nn.layer_norm(x), shift1, scale1))
+    x = x + gate1[:, None] * self.attn(primitives.modulate(primitives.layer_norm(x), shift1, scale1))
     x = x + self.cross_attn(x, kv, mask)
-    h = nn.layer_norm(x)
+    h = primitives.layer_norm(x)
     # EC-DiT routes on the token state after cross-attention; decoupled routing
     # (Nucleus-Image) routes on its normalised form, before timestep modulation.
     router_input = h if self.decoupled_routing else x
-    y, diagnostics = self.ffn(nn.modulate(h, shift2, scale2), router_input)
+    y, diagnostics = self.ffn(primitives.modulate(h, shift2, scale2), router_input)
     return x + gate2[:, None] * y, diagnostics
 
 
@@ -115,13 +116,13 @@ class FinalLayer(nnx.Module):
   """adaLN + zero-initialised linear to p*p*C values per token."""
 
   def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.adaln = nn.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
-    self.proj = nn.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
-                          kernel_init=nn.zeros_init, rngs=rngs, dtype=dtype)
+    self.adaln = primitives.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
+    self.proj = primitives.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
+                          kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, axis=-1)
-    return self.proj(nn.modulate(nn.layer_norm(x), shift, scale))
+    return self.proj(primitives.modulate(primitives.layer_norm(x), shift, scale))
 
 
 class DiT(nnx.Module):
@@ -136,7 +137,7 @@ class DiT(nnx.Module):
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     m = ml_collections.FrozenConfigDict(model_config)
     self.config = ml_collections.FrozenConfigDict(m)
-    dtype = nn.compute_dtype(m.dtype)
+    dtype = primitives.compute_dtype(m.dtype)
     d = m.hidden_size
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
     self.t_embed = embeddings.TimestepEmbedder(d, rngs=rngs, dtype=dtype)
@@ -144,14 +145,14 @@ class DiT(nnx.Module):
     # Optional: the masked mean of the text joins the timestep in the adaLN conditioning
     # (as SD3/Imagen do), so every block is modulated by the prompt, not only through
     # cross-attention. Off in the paper configs (PixArt-alpha has no pooled path).
-    self.pooled_embed = (nn.Linear(d, d, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.pooled_embed = (primitives.Linear(d, d, ("embed", "mlp"), rngs=rngs, dtype=dtype)
                          if m.pooled_text_conditioning else None)
     self.blocks = nnx.List([DiTBlock(i, m, rngs=rngs, dtype=dtype) for i in range(m.depth)])
     # Optional U-ViT long skips (Bao et al. 2023): the outputs of the first n blocks are
     # concatenated, in reverse order, to the inputs of the last n and projected back to d.
     # They carry fine spatial detail past the middle of the network, which speeds up
     # pixel-space training. Initialised so that the model starts as the plain DiT.
-    self.skip_proj = (nnx.List([nn.Linear(2 * d, d, ("mlp", "embed"), kernel_init=_keep_first_half,
+    self.skip_proj = (nnx.List([primitives.Linear(2 * d, d, ("mlp", "embed"), kernel_init=_keep_first_half,
                                           rngs=rngs, dtype=dtype) for _ in range(num_long_skips(m.depth))])
                       if m.long_skips else None)
     self.final = FinalLayer(d, m.patch_size, m.in_channels, rngs=rngs, dtype=dtype)
@@ -167,7 +168,7 @@ class DiT(nnx.Module):
       pooled = jnp.sum(ctx * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
       # Normalised so its scale (and so its gradient) does not shrink with averaging;
       # the empty prompt stays exactly zero.
-      pooled = nn.layer_norm(pooled) * jnp.any(mask, axis=1, keepdims=True).astype(ctx.dtype)
+      pooled = primitives.layer_norm(pooled) * jnp.any(mask, axis=1, keepdims=True).astype(ctx.dtype)
     return ContextCache(tuple(block.cross_attn.text_kv(ctx) for block in self.blocks), mask, pooled)
 
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,

@@ -1,6 +1,6 @@
 """Inference in the habit of diffusers pipelines: load a run, call it with prompts, get images.
 
-    from ec_dit.pipeline import TextToImagePipeline
+    from ec_dit.inference import TextToImagePipeline
     pipe = TextToImagePipeline.from_run("runs/tiny")
     images = pipe(["a photo of a red circle", "a photo of two blue squares"], seed=0)   # uint8 [H, W, 3] each
     pil_images = pipe(["a photo of a green triangle"], output_type="pil")
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -18,8 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-from ec_dit import diffusion, model as model_lib, text
+from ec_dit import checkpoint, diffusion, images as images_lib, schema, tokenizer as tokenizer_lib
+from ec_dit.model import abstract_model
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -34,8 +37,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
   with open(path) as f:
     saved = json.load(f)
-  from ec_dit import config_lib
-  return ml_collections.ConfigDict(_fill_defaults(saved, config_lib.base_config().to_dict()))
+  return ml_collections.ConfigDict(_fill_defaults(saved, schema.base_config().to_dict()))
 
 
 def _fill_defaults(saved: dict, defaults: dict) -> dict:
@@ -68,9 +70,9 @@ class TextToImagePipeline:
 
   def __init__(self, config, params, *, batch_size: int = 16):
     self.config = config
-    self.tokenizer = text.tokenizer_from_config(config)
+    self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
     self.batch_size = batch_size
-    abstract = nnx.eval_shape(lambda: model_lib.TextToImage(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     abstract.eval()  # evaluation capacity factor for expert choice
     self._graphdef, _ = nnx.split(abstract, nnx.Param)
     self.params = params
@@ -80,7 +82,6 @@ class TextToImagePipeline:
   @classmethod
   def from_run(cls, workdir: str, *, step: int | None = None, batch_size: int = 16) -> "TextToImagePipeline":
     """Loads the EMA weights of the latest (or given) checkpoint of a training run."""
-    from ec_dit import checkpoint
     config = load_run_config(workdir)
     params = checkpoint.restore_ema(config, workdir, step=step)
     return cls(config, params, batch_size=batch_size)
@@ -133,6 +134,21 @@ class TextToImagePipeline:
     if output_type == "np":
       return list(images)
     if output_type == "pil":
-      from PIL import Image
       return [Image.fromarray(im) for im in images]
     raise ValueError(f"output_type must be 'np' or 'pil', got {output_type!r}")
+
+
+def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0) -> list[str]:
+  """Writes PNGs for prompts from the run's latest checkpoint; returns their paths."""
+  pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)))
+  images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed)
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i, prompt in enumerate(prompts):
+    slug = re.sub(r"[^\w]+", "_", prompt.lower()).strip("_")[:60] or "unconditional"
+    for j in range(num_images):
+      path = os.path.join(out_dir, f"{slug}_{seed}_{j}.png")
+      images_lib.save_png(images[i * num_images + j], path)
+      paths.append(path)
+  return paths

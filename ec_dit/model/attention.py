@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ec_dit import nn
+from ec_dit import primitives
 
 
 class TextKV(NamedTuple):
@@ -49,8 +49,8 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, d: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.num_heads = num_heads
-    self.qkv = nn.Linear(d, 3 * d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.out = nn.Linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.qkv = primitives.Linear(d, 3 * d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.out = primitives.Linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
@@ -63,9 +63,9 @@ class CrossAttention(nnx.Module):
 
   def __init__(self, d: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.num_heads = num_heads
-    self.q = nn.Linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.kv = nn.Linear(d, 2 * d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.out = nn.Linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.q = primitives.Linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.kv = primitives.Linear(d, 2 * d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.out = primitives.Linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
   def text_kv(self, context: jax.Array) -> TextKV:
     """Keys and values of the (projected) text, reusable across denoising steps."""

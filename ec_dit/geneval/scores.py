@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from ec_dit.geneval.rules import TASKS
+from ec_dit.vocabulary import TASKS
 
 
 def read_results(path: str) -> list[dict]:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import nn
+from ec_dit import primitives
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -66,7 +66,7 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, patch_size: int, in_channels: int, d: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.patch_size = patch_size
-    self.proj = nn.Linear(patch_size * patch_size * in_channels, d, ("patch", "embed"), rngs=rngs, dtype=dtype)
+    self.proj = primitives.Linear(patch_size * patch_size * in_channels, d, ("patch", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(patchify(x, self.patch_size))
@@ -78,8 +78,8 @@ class TimestepEmbedder(nnx.Module):
   def __init__(self, d: int, *, frequency_dim: int = 256, rngs: nnx.Rngs, dtype=jnp.float32):
     self.frequency_dim = frequency_dim
     normal = nnx.initializers.normal(0.02)
-    self.fc1 = nn.Linear(frequency_dim, d, ("unmodeled", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
-    self.fc2 = nn.Linear(d, d, ("mlp", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
+    self.fc1 = primitives.Linear(frequency_dim, d, ("unmodeled", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
+    self.fc2 = primitives.Linear(d, d, ("mlp", "embed"), kernel_init=normal, rngs=rngs, dtype=dtype)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.silu(self.fc1(timestep_features(t, self.frequency_dim))))
@@ -89,8 +89,8 @@ class ContextEmbedder(nnx.Module):
   """PixArt-alpha's caption projection: text features [B, L, Dc] -> [B, L, D] through a GELU MLP."""
 
   def __init__(self, context_dim: int, d: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.fc1 = nn.Linear(context_dim, d, ("unmodeled", "embed"), rngs=rngs, dtype=dtype)
-    self.fc2 = nn.Linear(d, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.fc1 = primitives.Linear(context_dim, d, ("unmodeled", "embed"), rngs=rngs, dtype=dtype)
+    self.fc2 = primitives.Linear(d, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, context: jax.Array) -> jax.Array:
-    return self.fc2(nn.gelu(self.fc1(context)))
+    return self.fc2(primitives.gelu(self.fc1(context)))

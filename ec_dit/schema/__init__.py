@@ -1,0 +1,16 @@
+"""The config schema: every key, its default, the allowed values, and validation.
+
+The bottom of the package: nothing here imports another `ec_dit` module.
+
+    from ec_dit import schema
+    config = schema.base_config()          # every key a config file may set
+    schema.validate(config)                # ValueError naming the first bad field
+"""
+
+from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, DISPATCHES, DTYPES, FFN_KINDS,
+                                    GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS,
+                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS, TOKENIZERS,
+                                    VARIANTS, apply_variant, base_config, input_defaults, mesh_defaults,
+                                    model_defaults, paper_model)
+from ec_dit.schema.validation import (as_axes, fail, is_int, parse_source, validate, validate_input, validate_mesh,
+                                      validate_model, validate_training, with_input_defaults)

@@ -1,0 +1,1 @@
+"""Tools that read a config or a run without training it: model summary (params, FLOPs), AOT memory report."""

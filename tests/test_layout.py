@@ -1,0 +1,162 @@
+"""The package's shape: imports point one way, no hidden imports, small modules.
+
+Reads every module under `ec_dit/` as source (nothing is imported), builds the
+graph of its imports of other `ec_dit` modules, and checks:
+
+* no import cycle between modules;
+* no function-local import of an `ec_dit` module (a local import is how a cycle
+  hides), except the allow-listed ones below, each with its reason;
+* the layering the README describes: the config schema imports nothing else from
+  `ec_dit`; model code never imports training, data or evaluation; sharding never
+  builds a model; data never imports evaluation;
+* no module over 350 lines.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ec_dit"
+MAX_LINES = 350
+
+# (importing module, imported module): why the import stays inside a function.
+LOCAL_IMPORTS_ALLOWED = {
+    ("ec_dit.data.sources", "ec_dit.data.shapes_world_tfds"):
+        "registers the TFDS builder; it imports tensorflow_datasets (seconds), so only tfds: sources pay it",
+}
+
+# Layers: modules under the prefix on the left may not import modules under any prefix on the right.
+FORBIDDEN = {
+    "ec_dit.schema": ("ec_dit.",),  # the bottom: nothing else from ec_dit (its own package is exempt below)
+    "ec_dit.vocabulary": ("ec_dit.data", "ec_dit.geneval", "ec_dit.model", "ec_dit.training"),
+    "ec_dit.primitives": ("ec_dit.model", "ec_dit.moe", "ec_dit.training", "ec_dit.data", "ec_dit.geneval"),
+    "ec_dit.sharding": ("ec_dit.model", "ec_dit.moe", "ec_dit.training", "ec_dit.data", "ec_dit.geneval"),
+    "ec_dit.moe": ("ec_dit.model", "ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference",
+                   "ec_dit.checkpoint", "ec_dit.diffusion"),
+    "ec_dit.model": ("ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference", "ec_dit.checkpoint",
+                     "ec_dit.diffusion", "ec_dit.tools"),
+    "ec_dit.diffusion": ("ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference"),
+    "ec_dit.data": ("ec_dit.geneval", "ec_dit.training", "ec_dit.model", "ec_dit.inference"),
+    "ec_dit.checkpoint": ("ec_dit.training", "ec_dit.geneval", "ec_dit.inference"),
+    "ec_dit.inference": ("ec_dit.training", "ec_dit.geneval"),
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(name: str) -> str | None:
+  """The ec_dit module (or package) an import name refers to, or None outside ec_dit."""
+  while name:
+    if name in MODULES:
+      return name
+    name = name.rpartition(".")[0]
+  return None
+
+
+def _imports(module: str):
+  """(target module, is_module_level, line) for each import of an ec_dit module in `module`."""
+  tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+  top_level = {id(node) for node in tree.body}
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names = [f"{node.module}.{a.name}" for a in node.names]
+    for name in names:
+      target = _resolve(name)
+      if target and target != "ec_dit" and target != module:
+        yield target, id(node) in top_level, node.lineno
+
+
+def _ancestors(module: str) -> set[str]:
+  parts = module.split(".")
+  return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def _graph() -> dict[str, set[str]]:
+  """Module-level import edges; importing a.b.c also runs the __init__ of a.b (unless the importer is inside a.b)."""
+  graph = {}
+  for module in MODULES:
+    edges = set()
+    for target, top, _ in _imports(module):
+      if not top:
+        continue
+      edges.add(target)
+      edges.update(p for p in _ancestors(target) if p in MODULES and p != "ec_dit"
+                   and p not in _ancestors(module) and p != module)
+    graph[module] = edges - {module} - _ancestors(module)
+  return graph
+
+
+def test_the_import_graph_has_no_cycle():
+  graph = _graph()
+  state: dict[str, int] = {}
+  stack: list[str] = []
+
+  def visit(m):
+    state[m] = 1
+    stack.append(m)
+    for n in sorted(graph[m]):
+      if state.get(n) == 1:
+        cycle = stack[stack.index(n):] + [n]
+        pytest.fail("import cycle: " + " -> ".join(cycle))
+      if n not in state:
+        visit(n)
+    stack.pop()
+    state[m] = 2
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m)
+
+
+def test_no_function_local_imports_of_ec_dit_modules():
+  found = []
+  for module in MODULES:
+    for target, top, line in _imports(module):
+      if not top and (module, target) not in LOCAL_IMPORTS_ALLOWED:
+        found.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{line} imports {target} inside a function")
+  assert not found, "\n".join(found)
+
+
+def test_allow_list_entries_are_still_needed():
+  local = {(m, t) for m in MODULES for t, top, _ in _imports(m) if not top}
+  assert set(LOCAL_IMPORTS_ALLOWED) <= local, set(LOCAL_IMPORTS_ALLOWED) - local
+
+
+def test_layers_point_downward():
+  bad = []
+  for module in MODULES:
+    for prefix, forbidden in FORBIDDEN.items():
+      if module != prefix and not module.startswith(prefix + "."):
+        continue
+      for target, _, line in _imports(module):
+        if target == prefix or target.startswith(prefix + "."):
+          continue  # within its own package
+        if any(target == f or target.startswith(f.rstrip(".") + ".") or (f.endswith(".") and target.startswith(f))
+               for f in forbidden):
+          bad.append(f"{module}:{line} imports {target}")
+  assert not bad, "\n".join(bad)
+
+
+def test_the_graph_sees_real_edges():
+  """Guards the checker itself: known edges must be found, so an empty graph cannot pass silently."""
+  graph = _graph()
+  assert "ec_dit.model.dit" in graph["ec_dit.model.text_to_image"]
+  assert "ec_dit.schema" in graph["ec_dit.sharding"]
+  assert "ec_dit.moe.layers" in graph["ec_dit.model.dit"]
+  assert "ec_dit.moe" in graph["ec_dit.model.dit"]  # a package's __init__ runs when a submodule is imported
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_stay_small(module):
+  lines = len(MODULES[module].read_text().splitlines())
+  assert lines <= MAX_LINES, f"{MODULES[module]} has {lines} lines (at most {MAX_LINES})"
