@@ -34,9 +34,7 @@ def get_config(arg=None):
 
   # Images are made at the model's input size.
   config.input.image_size = 32
-  # Captions from the six GenEval templates only. The descriptive captions (up to four objects
-  # with their locations, up to 30 tokens) made no difference at 1500 steps and need the long
-  # context; without them each task gets a sixth of the data instead of a seventh.
+  # Captions from the six GenEval templates only: descriptive ones need a longer context and did not help.
   config.input.shapes_world_tasks = schema.TASKS
   config.batch_size = 32
   # Batch: smaller ones for more steps, or larger for fewer, did no better in the same time.
