@@ -1,6 +1,10 @@
 """EC-DiT-XXL: hidden 1536, depth 38, 24 heads, 32 experts (expert choice, capacity factor 2).
 
-Usage: python -m ec_dit.main --config=configs/ec_dit_xxl.py --workdir=...
+Trains on prepared SD-VAE latents and T5-XXL features (README: "Train EC-DiT on your own data"):
+  python -m ec_dit.prepare --config=configs/ec_dit_xxl.py --source=folder:IMAGES --out=DATA \\
+      --config.encoders.t5_path=T5 --config.encoders.vae_path=VAE
+  python -m ec_dit.main --config=configs/ec_dit_xxl.py --workdir=RUN --config.input.source=latents:DATA \\
+      --config.encoders.t5_path=T5 --config.encoders.vae_path=VAE
 Variants (`configs/ec_dit_xxl.py:VARIANT`): see `ec_dit.schema.apply_variant`.
 """
 
@@ -8,6 +12,5 @@ from ec_dit import schema
 
 
 def get_config(arg=None):
-  config = schema.base_config()
-  config.model = schema.paper_model(hidden_size=1536, depth=38, num_heads=24, num_experts=32)
+  config = schema.paper_config(hidden_size=1536, depth=38, num_heads=24, num_experts=32)
   return schema.apply_variant(config, arg)

@@ -22,6 +22,7 @@ from flax import nnx
 from PIL import Image
 
 from ec_dit import checkpoint, diffusion, images as images_lib, schema, tokenizer as tokenizer_lib
+from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import abstract_model
 
 
@@ -61,16 +62,25 @@ def sampler_settings(sample) -> dict:
 class TextToImagePipeline:
   """Prompts in, images out. Sampling is jitted once per batch size and deterministic per seed.
 
+  A latent run (`config.text.encoder = "t5"`) encodes the prompts with T5 (loaded
+  once from `config.encoders.t5_path`), samples latents with the text K/V cached,
+  and decodes them with the VAE (`config.encoders.vae_path`).
+
   Args:
     config: the run's config.
     params: the model parameters (a pure dict, normally the EMA weights).
     batch_size: images per jitted call; prompts are padded to it, so any number
       of prompts compiles once.
+    encoders: a latent run's `FrozenEncoders` (default: loaded from `config.encoders`).
   """
 
-  def __init__(self, config, params, *, batch_size: int = 16):
+  def __init__(self, config, params, *, batch_size: int = 16, encoders: FrozenEncoders | None = None):
     self.config = config
-    self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
+    self.latent = config.text.encoder == "t5"
+    if self.latent:
+      self.encoders = encoders or FrozenEncoders(config.encoders, context_len=config.model.context_len)
+    else:
+      self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
     self.batch_size = batch_size
     abstract = abstract_model(config)
     abstract.eval()  # evaluation capacity factor for expert choice
@@ -80,11 +90,29 @@ class TextToImagePipeline:
     self.image_shape = (m.input_size, m.input_size, m.in_channels)
 
   @classmethod
-  def from_run(cls, workdir: str, *, step: int | None = None, batch_size: int = 16) -> "TextToImagePipeline":
-    """Loads the EMA weights of the latest (or given) checkpoint of a training run."""
+  def from_run(cls, workdir: str, *, step: int | None = None, batch_size: int = 16,
+               encoders_config=None) -> "TextToImagePipeline":
+    """Loads the EMA weights of the latest (or given) checkpoint of a training run.
+
+    `encoders_config` (a `config.encoders` section) replaces the run's encoder paths,
+    e.g. when the checkpoints now sit elsewhere.
+    """
     config = load_run_config(workdir)
+    if encoders_config is not None:
+      config.encoders = encoders_config
     params = checkpoint.restore_ema(config, workdir, step=step)
     return cls(config, params, batch_size=batch_size)
+
+  def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(text input [B, L] ids or [B, L, d] T5 features, mask [B, L]) of the prompts."""
+    if self.latent:
+      features, mask, _, _ = self.encoders.text_features(prompts)
+      return features, mask
+    return self.tokenizer.encode_batch(prompts)
+
+  def _to_images(self, samples: jax.Array) -> np.ndarray:
+    """Samples in the model's space -> uint8 images (VAE-decoded for a latent run)."""
+    return self.encoders.decode(np.asarray(samples)) if self.latent else diffusion.to_uint8(samples)
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
   def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, guidance_parallel, sampler):
@@ -119,14 +147,17 @@ class TextToImagePipeline:
     for start in range(0, len(jobs), self.batch_size):
       chunk = jobs[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
-      tokens, mask = self.tokenizer.encode_batch([p for _, _, p in chunk] + [""] * pad)
+      tokens, mask = self._encode_prompts([p for _, _, p in chunk] + [""] * pad)
       # one noise key per image, from (seed, prompt, sample): independent of batching
       keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
                             guidance_scale, guidance_parallel, sampler)
-      out.append(diffusion.to_uint8(images[:len(chunk)]))
-    return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
+      out.append(self._to_images(images[:len(chunk)]))
+    if not out:
+      size = self.config.input.image_size if self.latent else self.image_shape[0]
+      return np.zeros((0, size, size, 3 if self.latent else self.image_shape[2]), np.uint8)
+    return np.concatenate(out)
 
   def __call__(self, prompts: Sequence[str] | str, *, output_type: str = "np", **kwargs):
     """Generates images; `output_type` "np" (uint8 arrays) or "pil". See `generate` for kwargs."""
@@ -138,9 +169,14 @@ class TextToImagePipeline:
     raise ValueError(f"output_type must be 'np' or 'pil', got {output_type!r}")
 
 
-def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0) -> list[str]:
-  """Writes PNGs for prompts from the run's latest checkpoint; returns their paths."""
-  pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)))
+def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0,
+                    encoders_config=None) -> list[str]:
+  """Writes PNGs for prompts from the run's latest checkpoint; returns their paths.
+
+  `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`).
+  """
+  pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)),
+                                      encoders_config=encoders_config)
   images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)

@@ -13,13 +13,10 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (CPU processes use the gloo collectives).
 """
 
-import os
-
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import inference, schema
+from ec_dit import distributed, inference, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
@@ -46,31 +43,18 @@ flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample.")
 FLAGS = flags.FLAGS
 
 
-def _auto_detected_cluster() -> bool:
-  """True on a multi-host TPU VM slice, or under a multi-task SLURM / Open MPI launch."""
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return ("," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-
-
 def initialize_distributed() -> None:
-  """Starts JAX's multi-controller runtime when launched as several processes; else does nothing.
+  """Starts JAX's multi-controller runtime when launched as several processes (`ec_dit.distributed`)."""
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
-  Must run before any JAX computation (it is the first thing `main` does).
-  """
-  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-  if any(v is not None for v in given):
-    if any(v is None for v in given):
-      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-    if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
-      raise app.UsageError(f"--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes})")
-    if FLAGS.num_processes == 1:
-      return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif _auto_detected_cluster():
-    jax.distributed.initialize()  # TPU VM pod slice / SLURM / Open MPI: everything auto-detected
+
+def _encoders_given(config):
+  """The command line's `config.encoders` when it names a path (it then replaces the run's), else None."""
+  e = config.encoders
+  return e if (e.t5_path or e.vae_path) else None
 
 
 def main(argv):
@@ -79,7 +63,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
   config = FLAGS.config
   schema.validate(config)
-  sources.check_source(config.input)
+  if FLAGS.mode in ("train", "train_and_evaluate"):  # before anything is written or compiled
+    try:
+      schema.check_paths(config, FLAGS.mode)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    sources.check_source(config.input)
   if FLAGS.mode == "summary":
     model_summary.print_summary(config)
     return
@@ -95,11 +84,12 @@ def main(argv):
   elif FLAGS.mode == "train":
     loop.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
-    generate.evaluate_run(config, FLAGS.workdir)
+    generate.evaluate_run(config, FLAGS.workdir, encoders_config=_encoders_given(config))
   elif FLAGS.mode == "sample":
     if not FLAGS.prompt:
       raise app.UsageError("--mode=sample needs at least one --prompt")
-    paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed)
+    paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed,
+                                      encoders_config=_encoders_given(config))
     print("\n".join(paths))
 
 

@@ -40,13 +40,13 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ec_dit import schema
-from ec_dit.data import preprocess, sources
+from ec_dit.data import latents, preprocess, sources
 from ec_dit.data.preprocess import Tokenize
 
 
-def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize, seed: int,
+def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   num_epochs: int | None = None) -> grain.IterDataset:
+                   num_epochs: int | None = None, context_len: int | None = None) -> grain.IterDataset:
   """This process's stream of training batches.
 
   Args:
@@ -55,7 +55,8 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize, seed: i
     batch_size: the global batch size; must be divisible by
       ``process_count``. Each process yields ``batch_size // process_count``.
     tokenize: ``caption -> (np.int32 [L], np.bool_ [L])`` (the text
-      tokenizer; must be picklable when ``worker_count > 0``).
+      tokenizer; must be picklable when ``worker_count > 0``); unused (None)
+      for a ``latents:`` source.
     seed: shuffle seed (``0 <= seed < 2**32``); each epoch is reshuffled.
     process_index, process_count: this process's shard (``jax.process_index()``,
       ``jax.process_count()``). Process ``p`` reads and decodes only the
@@ -66,10 +67,14 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize, seed: i
     num_epochs: ``None`` = repeat forever (training); else the number of
       passes over the source (the tail that does not fill a global batch is
       dropped, so every process yields the same number of batches).
+    context_len: ``latents:`` sources: text features are padded to this many
+      tokens (default: the prepared context length).
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, 3] in [-1, 1],
-    "tokens": int32 [b, L], "mask": bool [b, L]}``. Same config and seed give
+    "tokens": int32 [b, L], "mask": bool [b, L]}``; for a ``latents:`` source
+    ``{"latent_mean", "latent_std": float32 [b, h, w, c] (scaled as the model
+    sees latents), "features": float32 [b, L, d], "mask", "label"}``. Same config and seed give
     identical batches; its iterators support ``get_state`` / ``set_state`` and
     Orbax checkpointing (:func:`iterator_save_args`).
   """
@@ -95,7 +100,13 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize, seed: i
   if c.shuffle:
     ds = ds.shuffle(seed=seed)  # index >= len reshuffles with seed + epoch
   ds = ds.repeat(num_epochs)
-  ds = ds.map(preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key))
+  kind, folder = schema.parse_source(c.source)
+  if kind == "latents":
+    manifest = latents.read_manifest(folder)
+    ds = ds.map(latents.DecodeLatents(context_len or manifest["context_len"], manifest["scaling_factor"],
+                                      manifest["shift_factor"]))
+  else:
+    ds = ds.map(preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key))
   ds = ds.batch(local_batch, drop_remainder=True)  # chunks of the global stream
   if num_epochs is not None:
     usable = (len(ds) // process_count) * process_count

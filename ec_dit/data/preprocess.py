@@ -38,6 +38,18 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
   return img
 
 
+def image_size_of(image: Any) -> tuple[int, int]:
+  """(width, height) of a path or encoded bytes (reading only the header), or of an array."""
+  if isinstance(image, (str, os.PathLike)):
+    with Image.open(image) as f:
+      return f.size
+  if isinstance(image, (bytes, np.bytes_)):
+    with Image.open(io.BytesIO(bytes(image))) as f:
+      return f.size
+  a = np.asarray(image)
+  return (int(a.shape[1]), int(a.shape[0]))
+
+
 def load_image(image: Any, size: int) -> np.ndarray:
   """uint8 ``(size, size, 3)`` from a path, encoded bytes or an array (HW, HW1, HW3, HW4)."""
   if isinstance(image, (str, os.PathLike)):

@@ -14,6 +14,8 @@
   ``metadata.jsonl`` in ``PATH`` whose lines name the image (``file_name`` or
   ``image_key``, relative to ``PATH``) and its caption (``caption_key`` or
   ``text``).
+* ``"latents:DIR"`` -- VAE latent statistics and T5 features prepared by
+  ``python -m ec_dit.prepare`` (:mod:`ec_dit.data.latents`).
 * ``"jsonl:PATH"`` -- lines ``{"image": path, "caption": str}`` (keys
   ``image_key`` / ``caption_key``); relative image paths are relative to the
   JSONL file's folder.
@@ -26,6 +28,7 @@ import pathlib
 from typing import Sequence
 
 from ec_dit import schema
+from ec_dit.data import latents
 from ec_dit.data.shapes_world import ShapesWorldSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -53,6 +56,11 @@ def check_source(input_config) -> None:
       schema.fail("input.source", "'jsonl:PATH' with an existing JSONL file", c.source)
   elif kind == "tfds":
     _tfds_builder(c)  # raises if unknown or not prepared
+  elif kind == "latents":
+    if detail is None:
+      schema.fail("input.source", f"'latents:DIR', a folder written by `python -m ec_dit.prepare` (see the "
+                  f"{schema.PREPARE_README})", c.source)
+    latents.shard_paths(detail, latents.read_manifest(detail))  # raises naming the missing file
 
 
 def validate_input(input_config) -> None:
@@ -181,4 +189,7 @@ def make_source(input_config):
     return _tfds_source(c)
   if kind == "folder":
     return ImageCaptionFiles(_folder_pairs(detail, c))
+  if kind == "latents":
+    check_source(c)
+    return latents.latents_source(detail)
   return ImageCaptionFiles(_read_jsonl(detail, detail.parent, (c.image_key,), (c.caption_key,)))

@@ -13,21 +13,38 @@ from ec_dit.geneval import harness, layout, prompts as prompts_lib, scores as sc
 from ec_dit.inference import TextToImagePipeline
 
 
-def evaluate_run(config, workdir: str) -> dict[str, Any]:
-  """Generates the ShapesWorld GenEval-style prompt set into workdir/geneval and scores it.
+def geneval_command(images: str, results: str) -> str:
+  """The commands that score a folder with GenEval's own detector (Mask2Former), then summarise it here."""
+  return (f"cd geneval && python evaluation/evaluate_images.py {os.path.abspath(images)} "
+          f"--outfile {os.path.abspath(results)} --model-path <MASK2FORMER_FOLDER>\n"
+          f"python -m ec_dit.geneval summary {os.path.abspath(results)}")
 
-  Prints the harness's table with its JSON line last and returns the summary.
+
+def evaluate_run(config, workdir: str, *, encoders_config=None) -> dict[str, Any]:
+  """Generates the config's GenEval prompt set into workdir/geneval, and scores it when it can.
+
+  ShapesWorld (`geneval.domain = "shapes"`): scored here with the exact detector;
+  prints the table with its JSON line last and returns the summary. COCO (the
+  paper configs: GenEval's official 553 prompts): the images are written in
+  GenEval's layout and the command that scores them with GenEval's detector is
+  printed (it needs a GPU and mmdet); returns {"images": folder, "command": ...}.
+  `encoders_config` replaces the run's `config.encoders` (a latent run).
   """
   g = config.geneval
   out = os.path.join(workdir, "geneval")
   suite = prompts_lib.suite_from_config(g)
+  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size, encoders_config=encoders_config)
   os.makedirs(out, exist_ok=True)
   prompts_lib.write_prompts(suite, os.path.join(out, "prompts.jsonl"))
-  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size)
   # The sampler settings come from the config given now (the run's weights and model from its workdir),
   # so `--mode=evaluate --config.sample.guidance_scale=...` compares samplers on one run.
   generate_into(pipe, suite, os.path.join(out, "images"), n=g.images_per_prompt, seed=config.sample.seed,
                 sample=config.sample)
+  if g.domain != "shapes":
+    command = geneval_command(os.path.join(out, "images"), os.path.join(out, "results.jsonl"))
+    print(f"wrote {len(suite)} prompts x {g.images_per_prompt} images in GenEval's layout to "
+          f"{os.path.join(out, 'images')}; score them with GenEval's detector:\n{command}", flush=True)
+    return {"images": os.path.join(out, "images"), "command": command}
   rows = harness.evaluate_images(os.path.join(out, "images"), os.path.join(out, "results.jsonl"))
   scores = scores_lib.summarize(rows)
   with open(os.path.join(out, "summary.json"), "w") as f:

@@ -21,16 +21,22 @@ class TextToImage(nnx.Module):
   `velocity, aux = model(x_t, t, tokens, mask)`; `model.encode_prompt(tokens, mask)`
   gives the DiT's text K/V cache for sampling. `model.dit` is the diffusion
   transformer alone, for users with their own (e.g. frozen T5) text features.
+
+  With `config.text.encoder = "t5"` there is no trainable encoder: `tokens` are
+  then the prepared text features [B, L, context_dim] (float) and go to the DiT's
+  caption projection directly (PixArt-alpha's setting).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m, t = config.model, config.text
-    self.text = text_encoder.TextEncoder(t.vocab_size, m.context_len, m.context_dim, t.depth, t.num_heads,
-                                         rngs=rngs, dtype=primitives.compute_dtype(m.dtype))
+    self.text = (text_encoder.TextEncoder(t.vocab_size, m.context_len, m.context_dim, t.depth, t.num_heads,
+                                          rngs=rngs, dtype=primitives.compute_dtype(m.dtype))
+                 if t.encoder == "trainable" else None)
     self.dit = dit.DiT(m, rngs=rngs)
 
   def encode_prompt(self, tokens: jax.Array, mask: jax.Array) -> dit.ContextCache:
-    return self.dit.encode_context(self.text(tokens, mask), mask)
+    features = tokens if self.text is None else self.text(tokens, mask)
+    return self.dit.encode_context(features, mask)
 
   def __call__(self, x: jax.Array, t: jax.Array, tokens: jax.Array, mask: jax.Array):
     return self.dit(x, t, context_cache=self.encode_prompt(tokens, mask))

@@ -9,8 +9,8 @@ The bottom of the package: nothing here imports another `ec_dit` module.
 
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, DISPATCHES, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS,
-                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS, TOKENIZERS,
-                                    VARIANTS, apply_variant, base_config, input_defaults, mesh_defaults,
-                                    model_defaults, paper_model)
-from ec_dit.schema.validation import (as_axes, fail, is_int, parse_source, validate, validate_input, validate_mesh,
+                                    PREPARE_README, REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS,
+                                    TEXT_ENCODERS, TOKENIZERS, VARIANTS, apply_variant, base_config,
+                                    input_defaults, mesh_defaults, model_defaults, paper_config, paper_model)
+from ec_dit.schema.validation import (as_axes, check_paths, fail, is_int, missing_paths, parse_source, validate, validate_input, validate_mesh,
                                       validate_model, validate_training, with_input_defaults)

@@ -22,6 +22,7 @@ OPTIMIZERS = ("adamw", "muon")
 PREDICTIONS = ("velocity", "x0")          # what the network outputs (ec_dit.model.dit)
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per block (ec_dit.model.dit)
 TOKENIZERS = ("words", "bytes")
+TEXT_ENCODERS = ("trainable", "t5")  # trained with the DiT, or frozen T5 features prepared beforehand
 SAMPLERS = ("euler", "heun", "ancestral")
 # GenEval's six tasks; ShapesWorld's captions add plain descriptive ones.
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -46,8 +47,10 @@ DEFAULT_RULES = (
     ("modulation", None),
     ("unmodeled", None),
 )
-SOURCE_KINDS = ("shapes_world", "tfds", "folder", "jsonl")
-SOURCE_FORMS = ('"shapes_world"', '"tfds:NAME[/CONFIG][:VERSION][:SPLIT]"', '"folder:PATH"', '"jsonl:PATH"')
+SOURCE_KINDS = ("shapes_world", "tfds", "folder", "jsonl", "latents")
+SOURCE_FORMS = ('"shapes_world"', '"tfds:NAME[/CONFIG][:VERSION][:SPLIT]"', '"folder:PATH"', '"jsonl:PATH"',
+                '"latents:DIR"')
+PREPARE_README = 'README section "Train EC-DiT on your own data"'  # where errors about missing paths point
 MIN_IMAGE_SIZE = 8
 
 VARIANTS = {
@@ -99,6 +102,19 @@ def model_defaults() -> ml_collections.ConfigDict:
           dense_mlp_ratio=4.0,
       ),
   ))
+
+
+def paper_config(hidden_size: int, depth: int, num_heads: int, num_experts: int) -> ml_collections.ConfigDict:
+  """A whole paper config: `paper_model` trained on prepared SD-VAE latents and T5-XXL features
+  (`config.input.source = "latents:DIR"` and `config.encoders.*` must be set), scored on
+  GenEval's official prompts (the COCO domain; seed 43 reproduces GenEval's file)."""
+  config = base_config()
+  config.model = paper_model(hidden_size, depth, num_heads, num_experts)
+  config.text.encoder = "t5"
+  config.input.source = "latents:"  # not set: `python -m ec_dit.prepare` writes the folder
+  config.input.image_size = 256
+  config.geneval.domain, config.geneval.prompt_seed = "coco", 43
+  return config
 
 
 def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) -> ml_collections.ConfigDict:
@@ -158,12 +174,21 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model_defaults()
   config.text = ml_collections.ConfigDict(dict(
-      tokenizer="words",   # one of TOKENIZERS: "words" (hashed, any Unicode) or "bytes"
+      encoder="trainable",  # one of TEXT_ENCODERS; "t5": the model reads prepared T5 features
+      tokenizer="words",   # trainable encoder: one of TOKENIZERS, "words" (hashed, any Unicode) or "bytes"
       vocab_size=4096,
       depth=2,             # trainable encoder layers; width = model.context_dim
       num_heads=4,
   ))
   config.input = input_defaults()
+  # Frozen pretrained encoders (ec_dit.encoders), local Hugging Face folders: `python -m ec_dit.prepare`
+  # encodes a dataset with them, and a run with text.encoder = "t5" samples with them.
+  config.encoders = ml_collections.ConfigDict(dict(
+      t5_path="",        # a T5 v1.1 encoder folder (config.json, weights, spiece.model or tokenizer.json)
+      vae_path="",       # a diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors)
+      dtype="float32",   # compute and parameter dtype of both: one of DTYPES
+      batch_size=16,     # images (or prompts) per jitted encoder / decoder call
+  ))
   config.mesh = mesh_defaults()  # device mesh and logical-to-mesh rules (ec_dit.sharding)
   # Training, in the Flax examples' style: any field can be set as --config.FIELD=VALUE.
   config.seed = 0

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DTYPES, FFN_KINDS, GENEVAL_DOMAINS,
-                                    MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, REMAT_POLICIES, SAMPLERS,
-                                    SOURCE_FORMS, TOKENIZERS, base_config, input_defaults)
+                                    MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
+                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
+                                    input_defaults)
 
 
 def fail(field: str, allowed: str, got: Any):
@@ -155,6 +156,21 @@ def validate_training(config) -> None:
     fail("muon.experts", "True or False", config.muon.experts)
   _check_range(config, "ema_decay", 0.0, 1.0)
 
+  if config.text.encoder not in TEXT_ENCODERS:
+    fail("text.encoder", f"one of {TEXT_ENCODERS}", config.text.encoder)
+  if config.text.encoder == "t5" and parse_source(config.input.source)[0] != "latents":
+    fail("input.source", "'latents:DIR' with text.encoder='t5' (the model reads prepared T5 features; "
+         "see the " + PREPARE_README + ")", config.input.source)
+  if config.text.encoder == "trainable" and parse_source(config.input.source)[0] == "latents":
+    fail("text.encoder", "'t5' for a 'latents:DIR' source (its examples hold T5 features, not captions)",
+         config.text.encoder)
+  e = config.encoders
+  for name in ("t5_path", "vae_path"):
+    if not isinstance(e[name], str):
+      fail(f"encoders.{name}", "a folder path ('' = not set)", e[name])
+  if e.dtype not in DTYPES:
+    fail("encoders.dtype", f"one of {DTYPES}", e.dtype)
+  _check_int(e, "batch_size", 1, "encoders.")
   if config.text.tokenizer not in TOKENIZERS:
     fail("text.tokenizer", f"one of {TOKENIZERS}", config.text.tokenizer)
   _check_int(config.text, "vocab_size", 2, "text.")
@@ -191,8 +207,9 @@ def validate_training(config) -> None:
 def parse_source(source: str) -> tuple[str, Any]:
   """Splits `config.input.source` into `(kind, detail)`.
 
-  Returns `("shapes_world", None)`, `("tfds", (name, split))`, `("folder", Path)`
-  or `("jsonl", Path)`; raises ValueError naming `config.input.source` for anything else.
+  Returns `("shapes_world", None)`, `("tfds", (name, split))`, `("folder", Path)`,
+  `("jsonl", Path)` or `("latents", Path)` (`("latents", None)` for "latents:" with the folder
+  not set yet); raises ValueError naming `config.input.source` for anything else.
   """
   allowed = "one of " + ", ".join(SOURCE_FORMS)
   if not isinstance(source, str):
@@ -200,7 +217,9 @@ def parse_source(source: str) -> tuple[str, Any]:
   if source == "shapes_world":
     return "shapes_world", None
   kind, sep, rest = source.partition(":")
-  if not sep or kind not in ("tfds", "folder", "jsonl") or not rest.strip():
+  if kind == "latents" and sep and not rest.strip():
+    return "latents", None  # a paper config's placeholder: ec_dit.data.sources.check_source names it
+  if not sep or kind not in ("tfds", "folder", "jsonl", "latents") or not rest.strip():
     fail("input.source", allowed, source)
   if kind == "tfds":
     name, _, split = rest.partition(":")
@@ -292,3 +311,33 @@ def validate_mesh(mesh_config, prefix: str = "mesh") -> None:
         fail(f"{prefix}.rules", f"mesh axes among {MESH_AXES}", rule)
     if len(set(axes)) != len(axes):
       fail(f"{prefix}.rules", "no mesh axis twice in one rule", rule)
+
+
+# -- paths a job needs -------------------------------------------------------------
+def missing_paths(config, mode: str) -> list[str]:
+  """The unset fields a latent run (`text.encoder = "t5"`) needs for `mode`, as 'config.FIELD (what)'.
+
+  Training reads prepared data (`input.source = "latents:DIR"`); sampling, the
+  sample grids during training and evaluation also need the T5 encoder and the VAE.
+  """
+  if config.text.encoder != "t5":
+    return []
+  missing = []
+  kind, folder = parse_source(config.input.source)
+  trains = mode in ("train", "train_and_evaluate")
+  samples = mode in ("train_and_evaluate", "evaluate", "sample") or (trains and config.eval_every_steps > 0)
+  if trains and kind == "latents" and folder is None:
+    missing.append("config.input.source ('latents:DIR', a folder written by `python -m ec_dit.prepare`)")
+  if samples and not config.encoders.t5_path:
+    missing.append("config.encoders.t5_path (the T5 encoder folder the data was prepared with)")
+  if samples and not config.encoders.vae_path:
+    missing.append("config.encoders.vae_path (the VAE folder the data was prepared with)")
+  return missing
+
+
+def check_paths(config, mode: str) -> None:
+  """Raises one ValueError listing every field `missing_paths` finds, and where the README explains them."""
+  missing = missing_paths(config, mode)
+  if missing:
+    raise ValueError(f"--mode={mode} of a latent run needs paths that are not set:\n  " + "\n  ".join(missing)
+                     + f"\nSee the {PREPARE_README}; or --mode=compile / --mode=summary, which need none.")

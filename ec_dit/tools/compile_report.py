@@ -37,11 +37,14 @@ def abstract_batch(config, mesh) -> dict:
   m = config.model
   b = config.batch_size
   sh = sharding.batch_sharding(mesh, config.mesh.rules, b)
-  return {
-      "image": jax.ShapeDtypeStruct((b, m.input_size, m.input_size, m.in_channels), jnp.float32, sharding=sh),
-      "tokens": jax.ShapeDtypeStruct((b, m.context_len), jnp.int32, sharding=sh),
-      "mask": jax.ShapeDtypeStruct((b, m.context_len), jnp.bool_, sharding=sh),
-  }
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  latent = (b, m.input_size, m.input_size, m.in_channels)
+  if config.text.encoder == "t5":  # prepared latents: posterior statistics and T5 features
+    return {"latent_mean": sds(latent, jnp.float32), "latent_std": sds(latent, jnp.float32),
+            "features": sds((b, m.context_len, m.context_dim), jnp.float32),
+            "mask": sds((b, m.context_len), jnp.bool_), "label": sds((b,), jnp.int32)}
+  return {"image": sds(latent, jnp.float32), "tokens": sds((b, m.context_len), jnp.int32),
+          "mask": sds((b, m.context_len), jnp.bool_)}
 
 
 def _cast(tree, dtype):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from ec_dit import checkpoint, images as images_lib, schema, sharding, tokenizer as tokenizer_lib
-from ec_dit.data import pipeline as data_pipeline, sources
+from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.model import abstract_params
@@ -80,6 +80,17 @@ def write_sample_grid(config, pipe, ema, workdir: str, step: int, writer) -> str
 # ----------------------------------------------------------------------------
 # The loop
 
+
+def _tokenize(config):
+  """The trainable encoder's tokenizer; None for prepared latents, whose examples hold T5 features
+  (their shapes are checked against the model here, before anything is built)."""
+  kind, folder = schema.parse_source(config.input.source)
+  if kind == "latents":
+    latents.check_compatible(latents.read_manifest(folder), config.model)
+    return None
+  return tokenizer_lib.tokenizer_from_config(config).encode
+
+
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics.
 
@@ -97,10 +108,9 @@ def train(config, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
 
   # -- Input ---------------------------------------------------------------
-  tokenizer = tokenizer_lib.tokenizer_from_config(config)
   dataset = data_pipeline.create_dataset(
-      config.input, batch_size=config.batch_size, tokenize=tokenizer.encode, seed=config.input.data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      config.input, batch_size=config.batch_size, tokenize=_tokenize(config), seed=config.input.data_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), context_len=config.model.context_len)
   data_iter = iter(dataset)
 
   # -- Mesh, model and optimizer (sharded, abstract first) ----------------

@@ -29,6 +29,19 @@ def summarize_diagnostics(moe: dict) -> dict[str, jax.Array]:
   return out
 
 
+LATENT_KEY = 1  # folded into a step's key for its latent draws; the loss splits the step key itself
+
+
+def model_inputs(batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(images, text) the model trains on: pixels and token ids, or for prepared latents a fresh
+  draw latent_mean + latent_std * eps (eps from the step's key, so a resumed run draws the same)
+  and the T5 features."""
+  if "latent_mean" not in batch:
+    return batch["image"], batch["tokens"]
+  eps = jax.random.normal(jax.random.fold_in(key, LATENT_KEY), batch["latent_mean"].shape, jnp.float32)
+  return batch["latent_mean"] + batch["latent_std"] * eps, batch["features"]
+
+
 def make_train_step(config, graphdef, tx, mesh=None):
   """The jitted update: loss, gradients, optimizer (config.optimizer), EMA; state and EMA buffers are donated.
 
@@ -47,10 +60,11 @@ def make_train_step(config, graphdef, tx, mesh=None):
 
   def _train_step(state, ema, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+    images, text = model_inputs(batch, key)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      return diffusion.rectified_flow_loss(model, batch["image"], batch["tokens"], batch["mask"], key,
+      return diffusion.rectified_flow_loss(model, images, text, batch["mask"], key,
                                            t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
                                            loss_t_min=d.loss_t_min)
 
