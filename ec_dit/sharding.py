@@ -56,6 +56,8 @@ DEFAULT_RULES = (
     ("patch", None),
     ("modulation", None),
     ("unmodeled", None),
+    ("channels", "fsdp"),  # VAE conv / norm / attention channels (ec_dit.encoders.vae): FSDP-split like embed
+    ("kernel_spatial", None),  # conv kernel height and width (ec_dit.encoders.vae)
 )
 
 

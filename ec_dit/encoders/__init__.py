@@ -10,5 +10,6 @@ See docs/encoders.md for which public checkpoints to place where.
 from ec_dit.encoders.hf_checkpoint import CheckpointError
 from ec_dit.encoders.t5 import T5Config, T5Encoder
 from ec_dit.encoders.t5_tokenizer import T5Tokenizer
+from ec_dit.encoders.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["CheckpointError", "T5Config", "T5Encoder", "T5Tokenizer"]
+__all__ = ["AutoencoderKL", "CheckpointError", "T5Config", "T5Encoder", "T5Tokenizer", "VAEConfig"]

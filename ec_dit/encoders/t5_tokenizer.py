@@ -14,13 +14,14 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+import sentencepiece
+import tokenizers
 
 from ec_dit.encoders import hf_checkpoint as hf
 
 
 class _SentencePiece:
   def __init__(self, file: str):
-    import sentencepiece  # noqa: PLC0415 - a third-party package, loaded only for this format
     self._sp = sentencepiece.SentencePieceProcessor(model_file=file)
     self.eos_id, self.pad_id = self._sp.eos_id(), max(self._sp.pad_id(), 0)
 
@@ -33,7 +34,6 @@ class _SentencePiece:
 
 class _HFTokenizers:
   def __init__(self, file: str):
-    import tokenizers  # noqa: PLC0415 - a third-party package, loaded only for this format
     self._tok = tokenizers.Tokenizer.from_file(file)
     self.eos_id = self._tok.token_to_id("</s>")
     pad = self._tok.token_to_id("<pad>")
