@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ec_dit.encoders import hf_checkpoint as hf
-from ec_dit.encoders import CheckpointError, T5Encoder
+from ec_dit.encoders import AutoencoderKL, CheckpointError, T5Encoder, T5Tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
 
@@ -116,3 +116,14 @@ def test_pytorch_bin_without_torch_says_how_to_convert(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(CheckpointError, match="need torch.*safetensors.torch import save_file"):
     T5Encoder.from_pretrained(tmp_path)
+
+
+def test_diffusers_pipeline_folder(tmp_path):
+  """A pipeline folder (PixArt-alpha's layout): text_encoder/, tokenizer/ and vae/ found from its root."""
+  shutil.copytree(FIXTURES / "t5_gated", tmp_path / "text_encoder")
+  shutil.copytree(FIXTURES / "vae4", tmp_path / "vae")
+  (tmp_path / "tokenizer").mkdir()
+  shutil.copy(FIXTURES / "tokenizer" / "spiece.model", tmp_path / "tokenizer")
+  assert T5Encoder.from_pretrained(tmp_path).config.d_model == 32
+  assert AutoencoderKL.from_pretrained(tmp_path).config.latent_channels == 4
+  assert T5Tokenizer.from_pretrained(tmp_path).eos_id == 1

@@ -56,6 +56,15 @@ def require_folder(path: str | os.PathLike) -> str:
   return path
 
 
+def model_folder(path: str | os.PathLike, subfolder: str) -> str:
+  """`path`, or its `subfolder` (a diffusers pipeline's `text_encoder/`, `vae/`) when only that has a config.json."""
+  folder = require_folder(path)
+  sub = os.path.join(folder, subfolder)
+  if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(sub, "config.json")):
+    return sub
+  return folder
+
+
 def read_config(path: str | os.PathLike) -> dict:
   """The parsed `config.json` of a checkpoint folder."""
   folder = require_folder(path)

@@ -200,18 +200,20 @@ class T5Encoder(nnx.Module):
     """Loads a local Hugging Face T5 folder (config.json + model.safetensors or shards).
 
     Checkpoints of `T5EncoderModel`, `T5Model` and `T5ForConditionalGeneration`
-    all load (decoder and LM head tensors are skipped). With `mesh`, each
-    parameter is read straight into its sharding by `rules`.
+    all load (decoder and LM head tensors are skipped); a diffusers pipeline
+    folder loads from its `text_encoder/`. With `mesh`, each parameter is read
+    straight into its sharding by `rules`.
     """
-    config = T5Config.from_dict(hf.read_config(path))
-    reader = hf.open_weights(path, ("model",))
+    folder = hf.model_folder(path, "text_encoder")
+    config = T5Config.from_dict(hf.read_config(folder))
+    reader = hf.open_weights(folder, ("model",))
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     return hf.load_module(abstract, checkpoint_sources(config), reader, ignore=_not_encoder, mesh=mesh,
                           rules=rules)
 
 
 def _not_encoder(name: str) -> bool:
-  return name.startswith(("decoder.", "lm_head.")) or name == "encoder.embed_tokens.weight"
+  return name.startswith(("decoder.", "lm_head."))
 
 
 def checkpoint_sources(c: T5Config) -> dict[str, hf.Source]:

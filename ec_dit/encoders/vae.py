@@ -263,9 +263,7 @@ class AutoencoderKL(nnx.Module):
     The folder may also be a pipeline's `vae/` subfolder. Old (`query`, `key`,
     `value`, `proj_attn`) and new (`to_q`, ..., `to_out.0`) attention names both load.
     """
-    folder = hf.require_folder(path)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, "vae")):
-      folder = os.path.join(folder, "vae")
+    folder = hf.model_folder(path, "vae")
     config = VAEConfig.from_dict(hf.read_config(folder))
     reader = hf.open_weights(folder, ("diffusion_pytorch_model", "model"))
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
