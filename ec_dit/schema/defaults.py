@@ -46,6 +46,8 @@ DEFAULT_RULES = (
     ("patch", None),
     ("modulation", None),
     ("unmodeled", None),
+    ("channels", "fsdp"),  # VAE conv / norm / attention channels (ec_dit.encoders.vae): FSDP-split like embed
+    ("kernel_spatial", None),  # conv kernel height and width (ec_dit.encoders.vae)
 )
 SOURCE_KINDS = ("shapes_world", "tfds", "folder", "jsonl", "latents")
 SOURCE_FORMS = ('"shapes_world"', '"tfds:NAME[/CONFIG][:VERSION][:SPLIT]"', '"folder:PATH"', '"jsonl:PATH"',
