@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import sharding
+from ec_dit import schema, sharding
 from ec_dit.encoders import t5
 from ec_dit.encoders import vae as vae_lib
 
@@ -123,7 +123,7 @@ def bench_vae(args) -> None:
 
 def aot_memory(args) -> None:
   config = t5.T5Config.v1_1("xxl")
-  mesh_config = sharding.mesh_defaults()
+  mesh_config = schema.mesh_defaults()
   mesh_config.data, mesh_config.fsdp, mesh_config.tensor = 1, 4, 2
   mesh = sharding.make_mesh(mesh_config)
   rules = sharding.DEFAULT_RULES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ec_dit import sharding
+from ec_dit import schema, sharding
 from ec_dit.encoders import t5 as t5_lib
 from ec_dit.encoders import T5Encoder, T5Tokenizer
 
@@ -17,7 +17,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
 
 
 def _mesh(fsdp=4, tensor=2):
-  config = sharding.mesh_defaults()
+  config = schema.mesh_defaults()
   config.data, config.fsdp, config.tensor = 1, fsdp, tensor
   return sharding.make_mesh(config)
 

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from ec_dit import sharding
+from ec_dit import schema, sharding
 from ec_dit.encoders import AutoencoderKL, CheckpointError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
@@ -124,7 +124,7 @@ def test_vae_on_mesh_matches_one_device_and_is_sharded():
   ref = np.load(FIXTURES / "vae4" / "reference.npz")
   images = np.concatenate([ref["images"], ref["images"][:, ::-1]])  # 4 images: one per fsdp shard
   single = AutoencoderKL.from_pretrained(FIXTURES / "vae4")
-  config = sharding.mesh_defaults()
+  config = schema.mesh_defaults()
   config.data, config.fsdp, config.tensor = 1, 4, 2
   mesh = sharding.make_mesh(config)
   vae = AutoencoderKL.from_pretrained(FIXTURES / "vae4", mesh=mesh)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from ec_dit import nn, sharding
+from ec_dit import primitives, sharding
 from ec_dit.encoders import hf_checkpoint as hf
 
 _ACTIVATIONS = ("relu", "gelu", "silu")
@@ -105,7 +105,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def _activation(name: str, gated: bool):
   if name == "gelu":
-    return lambda x: jax.primitives.gelu(x, approximate=gated)  # transformers: gated-gelu is "gelu_new" (tanh)
+    return lambda x: jax.nn.gelu(x, approximate=gated)  # transformers: gated-gelu is "gelu_new" (tanh)
   return jax.nn.relu if name == "relu" else jax.nn.silu
 
 
