@@ -1,0 +1,83 @@
+"""`prepare_dataset(config, out)`: a config's source, encoded by its frozen encoders into `out`.
+
+The library entry point behind `python -m ec_dit.prepare` (see `ec_dit.prepare.writer`
+for the shard layout, resumption and the handling of bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ec_dit import schema
+from ec_dit.data import sources
+from ec_dit.encoders.frozen import FrozenEncoders
+from ec_dit.prepare import writer
+
+
+def local_mesh() -> Mesh:
+  """Data parallelism over this process's devices: each process encodes its own shards."""
+  return Mesh(np.asarray(jax.local_devices()).reshape(-1, 1, 1, 1), schema.MESH_AXES)
+
+
+def manifest_fields(config, encoders: FrozenEncoders, source: str) -> dict:
+  """What the manifest records beside the counts: shapes, dtypes, scaling, encoders."""
+  return {
+      "source": source,
+      "image_size": int(config.input.image_size),
+      "latent_shape": list(encoders.latent_shape(config.input.image_size)),
+      "latent_dtype": "bfloat16",
+      "feature_dim": encoders.feature_dim,
+      "feature_dtype": "bfloat16",
+      "context_len": int(config.model.context_len),
+      "scaling_factor": encoders.info["vae"]["scaling_factor"],
+      "shift_factor": encoders.info["vae"]["shift_factor"],
+      "encoders": encoders.info,
+  }
+
+
+def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_image_size: int | None = None,
+                    max_shards: int | None = None, encoders: FrozenEncoders | None = None) -> dict | None:
+  """Encodes `config.input.source` into `out`; returns the manifest, or None while shards remain.
+
+  Every process (`jax.process_index()` of `jax.process_count()`) encodes its own
+  shards on its local devices; process 0 writes the manifest once all are complete.
+  `min_image_size` defaults to a quarter of `config.input.image_size`.
+  """
+  c = schema.validate_input(config.input)
+  sources.check_source(c)
+  if examples_per_shard < 1:
+    raise ValueError(f"--examples_per_shard must be >= 1, got {examples_per_shard}")
+  min_size = c.image_size // 4 if min_image_size is None else min_image_size
+  # -- Encoders (frozen), placed on this process's devices ------------------------
+  encoders = encoders or FrozenEncoders(config.encoders, context_len=config.model.context_len, mesh=local_mesh())
+  fields = manifest_fields(config, encoders, c.source)  # also checks image_size against the VAE
+  # -- Encode this process's shards ------------------------------------------------
+  source = sources.make_source(c)
+  result = writer.prepare_shards(
+      source, out, encoders=encoders, image_size=c.image_size, min_image_size=min_size,
+      examples_per_shard=examples_per_shard, batch_size=config.encoders.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(), max_shards=max_shards,
+      keys={"image_key": c.image_key, "caption_key": c.caption_key}, progress=jax.process_index() == 0)
+  print(json.dumps({"process": jax.process_index(), **result}), flush=True)
+  # -- Manifest, once every process is done ----------------------------------------
+  complete = np.int32(result["complete"])
+  if jax.process_count() > 1:
+    complete = np.min(multihost_utils.process_allgather(complete))
+  manifest = None
+  if not complete:
+    print("prepare: not complete yet (--max_shards, or another process stopped early); rerun to continue",
+          file=sys.stderr, flush=True)
+  elif jax.process_index() == 0:
+    manifest = writer.write_manifest(out, num_source_examples=len(source), examples_per_shard=examples_per_shard,
+                                     fields=fields)
+    print(json.dumps({k: manifest[k] for k in ("num_examples", "skipped", "truncated", "bytes_per_example")}),
+          flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ec_dit.prepare done")
+  return manifest

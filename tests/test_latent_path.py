@@ -1,0 +1,139 @@
+"""The latent path end to end: prepare (killed and resumed), train from latents:DIR (resumed), sample."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ec_dit import schema
+from ec_dit.data import latents
+from ec_dit.prepare import dataset
+from ec_dit.training import loop
+from helpers import REPO, read_losses
+from latent_fixtures import write_image_folder, write_t5, write_vae
+
+CONFIG = REPO / "tests" / "latent_config.py"
+
+
+def latent_config(**fields):
+  spec = importlib.util.spec_from_file_location("latent_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for dotted, value in fields.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("latent")
+  return {"t5": write_t5(root / "t5"), "vae": write_vae(root / "vae"), "images": write_image_folder(root / "images"),
+          "root": root}
+
+
+def _prepare_cmd(assets, out, *extra):
+  return [sys.executable, "-m", "ec_dit.prepare", f"--config={CONFIG}", f"--source=folder:{assets['images']}",
+          f"--out={out}", "--examples_per_shard=16", f"--config.encoders.t5_path={assets['t5']}",
+          f"--config.encoders.vae_path={assets['vae']}", *extra]
+
+
+def _files(folder):
+  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def prepared(assets):
+  """The folder prepared in one uninterrupted run (in-process)."""
+  out = assets["root"] / "prepared"
+  config = latent_config(input__source=f"folder:{assets['images']}", encoders__t5_path=str(assets["t5"]),
+                         encoders__vae_path=str(assets["vae"]))
+  manifest = dataset.prepare_dataset(config, str(out), examples_per_shard=16)
+  assert manifest is not None
+  return out
+
+
+def test_prepare_writes_shards_manifest_and_skips_bad_images(prepared, assets):
+  manifest = latents.read_manifest(prepared)
+  assert manifest["num_source_examples"] == 64 and manifest["num_examples"] == 62 and manifest["skipped"] == 2
+  assert manifest["latent_shape"] == [8, 8, 4] and manifest["feature_dim"] == 32 and manifest["context_len"] == 16
+  assert manifest["scaling_factor"] == pytest.approx(0.18215) and len(manifest["shards"]) == 4
+  assert manifest["encoders"]["t5"]["config_sha256"] and manifest["encoders"]["vae"]["config_sha256"]
+  skipped = [json.loads(line) for line in (prepared / "skipped.jsonl").read_text().splitlines()]
+  assert [s["index"] for s in skipped] == [5, 17]
+  assert all("005.png" in s["reason"] or "017.png" in s["reason"] for s in skipped), skipped
+  source = latents.latents_source(prepared)
+  headers = [latents.decode_record(source[i])[0] for i in range(len(source))]
+  assert [h["index"] for h in headers] == [i for i in range(64) if i not in (5, 17)]
+  empty = next(h for h in headers if h["index"] == 9)
+  assert empty["caption"] == "" and empty["text_len"] == 1  # kept: EOS only, the unconditional prompt
+  header, arrays = latents.decode_record(source[0])
+  assert arrays["latent_mean"].shape == (8, 8, 4) and arrays["features"].shape == (header["text_len"], 32)
+  assert float(np.min(arrays["latent_std"].astype(np.float32))) > 0
+
+
+def test_prepare_killed_and_resumed_gives_identical_bytes(prepared, assets, tmp_path):
+  out = tmp_path / "resumed"
+  first = subprocess.run(_prepare_cmd(assets, out, "--max_shards=1"), capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert not (out / "manifest.json").exists() and len(list(out.glob("*.array_record"))) == 1
+  proc = subprocess.Popen(_prepare_cmd(assets, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.array_record"))) < 2:
+    time.sleep(0.05)
+  proc.kill()  # mid-way: no chance to clean up
+  proc.wait()
+  assert not (out / "manifest.json").exists() or proc.returncode == 0
+  last = subprocess.run(_prepare_cmd(assets, out), capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert not list(out.glob("*.tmp")), "a temporary file was left where a reader could find it"
+  assert _files(out) == _files(prepared)  # byte for byte, manifest included
+
+
+def test_train_from_latents_resumes_bitwise_then_samples(prepared, assets, tmp_path):
+  config = latent_config(input__source=f"latents:{prepared}", encoders__t5_path=str(assets["t5"]),
+                         encoders__vae_path=str(assets["vae"]))
+  schema.validate(config)
+  run = tmp_path / "run"
+  loop.train(config, str(run))
+  expected = read_losses(run)
+  assert sorted(expected) == list(range(1, 21)) and all(np.isfinite(list(expected.values())))
+  shutil.rmtree(run / "checkpoints" / "20")  # as if stopped after the step-10 checkpoint
+  loop.train(config, str(run))
+  got = read_losses(run)
+  for step in range(11, 21):
+    assert got[step] == expected[step], step  # bit for bit: the same latent draws after resuming
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", f"--config={CONFIG}", f"--workdir={run}",
+                        "--mode=sample", "--prompt=a photo of a red square", "--num_images=2"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  paths = out.stdout.strip().splitlines()
+  assert len(paths) == 2
+  for p in paths:
+    with Image.open(p) as im:
+      assert im.size == (16, 16) and im.mode == "RGB"
+
+
+def test_xl_without_paths_fails_fast_naming_the_fields(tmp_path):
+  t0 = time.time()
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/ec_dit_xl.py",
+                        f"--workdir={tmp_path / 'xl'}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode != 0
+  for field in ("config.input.source", "config.encoders.t5_path", "config.encoders.vae_path"):
+    assert field in out.stderr, out.stderr[-2000:]
+  assert "Train EC-DiT on your own data" in out.stderr
+  assert not (tmp_path / "xl").exists()
+  assert time.time() - t0 < 60
