@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from ec_dit import nn, sharding
+from ec_dit import nn
+from ec_dit import sharding
 from ec_dit.encoders import hf_checkpoint as hf
 
 _ACTIVATIONS = ("relu", "gelu", "silu")

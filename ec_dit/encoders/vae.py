@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ec_dit import nn, sharding
+from ec_dit import nn
+from ec_dit import sharding
 from ec_dit.encoders import hf_checkpoint as hf
 
 _ONES, _ZEROS = nnx.initializers.ones_init(), nnx.initializers.zeros_init()
