@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from ec_dit import schema, sharding
 from ec_dit.encoders import hf_checkpoint as hf
 from ec_dit.encoders import AutoencoderKL, CheckpointError, T5Encoder, T5Tokenizer
 
@@ -127,3 +128,23 @@ def test_diffusers_pipeline_folder(tmp_path):
   assert T5Encoder.from_pretrained(tmp_path).config.d_model == 32
   assert AutoencoderKL.from_pretrained(tmp_path).config.latent_channels == 4
   assert T5Tokenizer.from_pretrained(tmp_path).eos_id == 1
+
+
+def test_mesh_loading_reads_only_each_devices_block(monkeypatch):
+  """On a mesh no tensor that is sharded is ever read whole: each device reads its block from the file."""
+  reads = []
+  original = hf.Reader.read
+
+  def spy(self, name, index=None):
+    out = original(self, name, index)
+    reads.append((name, out.shape, self.shape(name)))
+    return out
+
+  monkeypatch.setattr(hf.Reader, "read", spy)
+  config = schema.mesh_defaults()
+  config.data, config.fsdp, config.tensor = 1, 4, 2
+  T5Encoder.from_pretrained(FIXTURES / "t5_gated", mesh=sharding.make_mesh(config))
+  q = [(got, full) for name, got, full in reads if name == "encoder.block.0.layer.0.SelfAttention.q.weight"]
+  assert len(q) == 8 and all(got == (16, 8) and full == (32, 32) for got, full in q)  # [out/2, in/4] each
+  embed = [got for name, got, _ in reads if name == "shared.weight"]
+  assert embed and all(got == (96, 8) for got in embed)

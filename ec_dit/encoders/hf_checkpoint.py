@@ -88,6 +88,11 @@ class Reader:
     self._torch = torch_tensors  # or name -> numpy array (from a .bin)
     self._open: dict[str, object] = {}
 
+  def close(self) -> None:
+    for handle in self._open.values():
+      handle.__exit__(None, None, None)
+    self._open.clear()
+
   def names(self) -> list[str]:
     return list(self._torch) if self._torch is not None else list(self._file_of)
 
@@ -214,36 +219,39 @@ def load_module(abstract_module: nnx.Module, sources: dict[str, Source], reader:
   """
   graphdef, state = nnx.split(abstract_module)
   flat = {_path_str(path): var for path, var in nnx.to_flat_state(state)}
-  extra = sorted(set(sources) - set(flat))
-  if extra or len(flat) != len(sources):
+  if set(sources) != set(flat):
     raise AssertionError(f"internal mapping error: unmapped {sorted(set(flat) - set(sources))[:5]}, "
-                         f"unknown {extra[:5]}")
-  chosen = check_names(reader, sources, ignore)
-  for target, var in flat.items():
-    shape = _target_shape(reader.shape(chosen[target]), sources[target].perm)
-    if shape != tuple(var.shape):
-      raise CheckpointError(f"shape mismatch for {chosen[target]!r} (parameter {target}): checkpoint gives "
-                            f"{shape} after the layout change ({reader.shape(chosen[target])} in the file), "
-                            f"the module (from config.json) expects {tuple(var.shape)}")
-  values = {}
-  for target, var in flat.items():
-    name, perm, dtype = chosen[target], sources[target].perm, var.dtype
-
-    def block(index=None, name=name, perm=perm, dtype=dtype):
-      if index is not None and perm is not None:
-        file_index = [slice(None)] * len(perm)
-        for i, p in enumerate(perm):
-          file_index[p] = index[i]
-        index = tuple(file_index)
-      x = reader.read(name, index)
-      return np.ascontiguousarray((x if perm is None else x.transpose(perm)).astype(dtype))
-
-    if mesh is None:
-      values[target] = jnp.asarray(block())
-    else:
-      axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-      where = sharding.named_sharding(axes, var.shape, mesh, rules)
-      values[target] = jax.make_array_from_callback(tuple(var.shape), where, block)
+                         f"unknown {sorted(set(sources) - set(flat))[:5]}")
+  try:
+    chosen = check_names(reader, sources, ignore)
+    for target, var in flat.items():
+      shape = _target_shape(reader.shape(chosen[target]), sources[target].perm)
+      if shape != tuple(var.shape):
+        raise CheckpointError(f"shape mismatch for {chosen[target]!r} (parameter {target}): checkpoint gives "
+                              f"{shape} after the layout change ({reader.shape(chosen[target])} in the file), "
+                              f"the module (from config.json) expects {tuple(var.shape)}")
+    values = {target: _read(reader, chosen[target], sources[target].perm, var, mesh, rules)
+              for target, var in flat.items()}
+  finally:
+    reader.close()
   for path, var in nnx.to_flat_state(state):
     var.set_value(values[_path_str(path)])
   return nnx.merge(graphdef, state)
+
+
+def _read(reader: Reader, name: str, perm, var: nnx.Variable, mesh: Mesh | None, rules) -> jax.Array:
+  """One parameter: whole on the default device, or block by block into its sharding on `mesh`."""
+
+  def block(index=None):
+    if index is not None and perm is not None:  # the device's block, in the file's layout
+      file_index = [slice(None)] * len(perm)
+      for i, p in enumerate(perm):
+        file_index[p] = index[i]
+      index = tuple(file_index)
+    x = reader.read(name, index)
+    return np.ascontiguousarray((x if perm is None else x.transpose(perm)).astype(var.dtype))
+
+  if mesh is None:
+    return jnp.asarray(block())
+  axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+  return jax.make_array_from_callback(tuple(var.shape), sharding.named_sharding(axes, var.shape, mesh, rules), block)

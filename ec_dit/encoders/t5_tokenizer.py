@@ -24,6 +24,8 @@ class _SentencePiece:
   def __init__(self, file: str):
     self._sp = sentencepiece.SentencePieceProcessor(model_file=file)
     self.eos_id, self.pad_id = self._sp.eos_id(), max(self._sp.pad_id(), 0)
+    if self.eos_id < 0:
+      raise hf.CheckpointError(f"{file}: the sentencepiece model has no EOS piece, this is not a T5 tokenizer")
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text, out_type=int)
