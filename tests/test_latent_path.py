@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from helpers import REPO, read_losses
 from latent_fixtures import write_image_folder, write_t5, write_vae
 
 CONFIG = REPO / "tests" / "latent_config.py"
+OFFICIAL = REPO.parent / "shared" / "geneval" / "evaluation_metadata.jsonl"
 
 
 def latent_config(**fields):
@@ -125,6 +127,46 @@ def test_train_from_latents_resumes_bitwise_then_samples(prepared, assets, tmp_p
   for p in paths:
     with Image.open(p) as im:
       assert im.size == (16, 16) and im.mode == "RGB"
+  # --mode=evaluate: GenEval's official prompts in GenEval's layout, and the command that scores them
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", f"--config={CONFIG}", f"--workdir={run}",
+                        "--mode=evaluate", "--config.geneval.images_per_prompt=1", "--config.geneval.batch_size=128"],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  folders = sorted((run / "geneval" / "images").glob("[0-9]*"))
+  assert len(folders) == 553 and (folders[0] / "samples" / "0000.png").exists()
+  assert "evaluation/evaluate_images.py" in out.stdout and "python -m ec_dit.geneval summary" in out.stdout
+  if OFFICIAL.exists():  # the prompts are GenEval's own file, line for line
+    written = (run / "geneval" / "prompts.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in written] == [json.loads(x) for x in OFFICIAL.read_text().splitlines()]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_prepare_with_two_processes_gives_the_same_examples(prepared, assets, tmp_path):
+  out, port = tmp_path / "two", _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(_prepare_cmd(assets, out, f"--coordinator_address=localhost:{port}",
+                                         "--num_processes=2", f"--process_id={i}"),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  # each process wrote its own shards (0, 2 and 1, 3); together they hold the one-process folder's examples.
+  # (Not byte for byte: XLA's CPU code for 2 devices a process differs from 8 in the last float bits.)
+  assert [json.loads(r[0].strip().splitlines()[0])["shards_written"] for r in results] == [2, 2]
+  assert (out / "skipped.jsonl").read_bytes() == (prepared / "skipped.jsonl").read_bytes()
+  one, two = latents.latents_source(prepared), latents.latents_source(out)
+  assert len(one) == len(two) == 62
+  for i in range(len(one)):
+    (h1, a1), (h2, a2) = latents.decode_record(one[i]), latents.decode_record(two[i])
+    assert h1 == h2
+    for name in a1:
+      np.testing.assert_allclose(a1[name].astype(np.float32), a2[name].astype(np.float32), rtol=2e-2, atol=2e-2)
 
 
 def test_xl_without_paths_fails_fast_naming_the_fields(tmp_path):
