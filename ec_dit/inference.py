@@ -78,7 +78,7 @@ class TextToImagePipeline:
     self.config = config
     self.latent = config.text.encoder == "t5"
     if self.latent:
-      self.encoders = encoders or FrozenEncoders(config.encoders, context_len=config.model.context_len)
+      self.encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len)
     else:
       self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
     self.batch_size = batch_size

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from ec_dit import schema
-from ec_dit.data import latents
-from ec_dit.prepare import dataset
+from ec_dit.data import latents, sources
+from ec_dit.prepare import dataset, writer
 from ec_dit.training import loop
 from helpers import REPO, read_losses
 from latent_fixtures import write_image_folder, write_t5, write_vae
@@ -179,3 +179,14 @@ def test_xl_without_paths_fails_fast_naming_the_fields(tmp_path):
   assert "Train EC-DiT on your own data" in out.stderr
   assert not (tmp_path / "xl").exists()
   assert time.time() - t0 < 60
+
+
+def test_class_subfolders_give_labels(tmp_path):
+  for name in ("dog", "cat"):
+    write_image_folder(tmp_path / name, n=2, corrupt=(-1, -1), empty_caption=-1)
+    for txt in (tmp_path / name).glob("*.txt"):
+      txt.unlink()  # ImageNet style: no captions
+  source = sources.make_source(schema.with_input_defaults({"source": f"folder:{tmp_path}"}))
+  assert [source[i]["label"] for i in range(len(source))] == [0, 0, 1, 1]  # cat, cat, dog, dog (sorted)
+  example = writer.read_example(source, 3, image_size=16, min_image_size=4)
+  assert example.label == 1 and example.caption == "" and example.image.shape == (16, 16, 3)

@@ -10,7 +10,8 @@
   in ``tfds_data_dir``; only ``shapes_world`` (generated locally) is prepared
   on first use. Nothing is ever downloaded.
 * ``"folder:PATH"`` -- image files in ``PATH`` (sorted by name) with a
-  same-stem ``.txt`` caption beside each, or a ``captions.jsonl`` /
+  same-stem ``.txt`` caption beside each (or ImageNet-style class subfolders
+  of images: the label is the class's sorted index), or a ``captions.jsonl`` /
   ``metadata.jsonl`` in ``PATH`` whose lines name the image (``file_name`` or
   ``image_key``, relative to ``PATH``) and its caption (``caption_key`` or
   ``text``).
@@ -49,8 +50,9 @@ def check_source(input_config) -> None:
   if kind == "folder":
     if not detail.is_dir():
       schema.fail("input.source", "'folder:PATH' with an existing folder", c.source)
-    if not _folder_images(detail):
-      schema.fail("input.source", f"'folder:PATH' with image files ({', '.join(IMAGE_EXTENSIONS)})", c.source)
+    if not _folder_images(detail) and not class_folders(detail):
+      schema.fail("input.source", f"'folder:PATH' with image files ({', '.join(IMAGE_EXTENSIONS)}), or class "
+                  f"subfolders of them", c.source)
   elif kind == "jsonl":
     if not detail.is_file():
       schema.fail("input.source", "'jsonl:PATH' with an existing JSONL file", c.source)
@@ -78,15 +80,18 @@ class ImageCaptionFiles:
   and decoded by the pipeline's map, in the reading thread/worker.
   """
 
-  def __init__(self, pairs: Sequence[tuple[str, str]]):
+  def __init__(self, pairs: Sequence[tuple[str, str]], labels: Sequence[int] | None = None):
     self.pairs = list(pairs)
+    self.labels = None if labels is None else list(labels)
 
   def __len__(self) -> int:
     return len(self.pairs)
 
   def __getitem__(self, index: int) -> dict:
     path, caption = self.pairs[int(index)]
-    return {"image": path, "caption": caption}
+    if self.labels is None:
+      return {"image": path, "caption": caption}
+    return {"image": path, "caption": caption, "label": self.labels[int(index)]}
 
   def __repr__(self) -> str:
     return f"ImageCaptionFiles({len(self.pairs)} pairs)"
@@ -94,6 +99,24 @@ class ImageCaptionFiles:
 
 def _folder_images(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def class_folders(folder: pathlib.Path) -> list[pathlib.Path]:
+  """ImageNet-style class subfolders (sorted; label = position), when `folder` itself holds no images."""
+  if _folder_images(folder):
+    return []
+  return sorted(d for d in folder.iterdir() if d.is_dir() and _folder_images(d))
+
+
+def class_folder_source(folder: pathlib.Path) -> ImageCaptionFiles:
+  """Images in class subfolders: label = the class's index, caption = a same-stem .txt if present, else ""."""
+  pairs, labels = [], []
+  for label, d in enumerate(class_folders(folder)):
+    for img in _folder_images(d):
+      txt = img.with_suffix(".txt")
+      pairs.append((str(img), txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+      labels.append(label)
+  return ImageCaptionFiles(pairs, labels)
 
 
 def _read_jsonl(path: pathlib.Path, base: pathlib.Path, image_keys: Sequence[str],
@@ -188,6 +211,8 @@ def make_source(input_config):
   if kind == "tfds":
     return _tfds_source(c)
   if kind == "folder":
+    if class_folders(detail):
+      return class_folder_source(detail)
     return ImageCaptionFiles(_folder_pairs(detail, c))
   if kind == "latents":
     check_source(c)

@@ -4,7 +4,7 @@
 std, captions -> T5 features), and a run with `config.text.encoder = "t5"`
 samples with them (prompts -> T5 features -> DiT -> VAE decode -> uint8).
 
-    enc = FrozenEncoders(config.encoders, context_len=120)
+    enc = FrozenEncoders.from_config(config.encoders, context_len=120)
     features, mask, lengths, truncated = enc.text_features(["a photo of a cat"])
     mean, std = enc.latent_stats(images_uint8)       # [B, H/8, W/8, 4] each
     images = enc.decode(latents)                     # uint8 [B, H, W, 3]
@@ -47,39 +47,55 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 
 
 class FrozenEncoders:
-  """T5 (with its tokenizer) and the VAE of `config.encoders`, jitted, `batch_size` items per call.
+  """T5 (with its tokenizer) and the VAE of a latent run, jitted, `batch_size` items per call.
+
+  `FrozenEncoders.from_config(config.encoders, context_len=...)` loads them from their
+  folders; the constructor takes modules already built (e.g. random ones for a benchmark).
 
   Args:
-    encoders_config: the `config.encoders` section (t5_path, vae_path, dtype, batch_size).
+    t5, tokenizer, vae: the modules (either pair may be None when a job does not use it).
     context_len: text tokens per prompt, EOS included (`config.model.context_len`).
-    need_t5, need_vae: load only what the job uses (a missing path is an error naming the field).
-    mesh: optional; parameters are placed by the mesh rules as they are read and every
-      call's batch is split over the mesh's batch axes.
+    batch_size: items per jitted call (the last chunk is padded: one compilation).
+    mesh: optional; every call's batch is split over the mesh's batch axes.
+    info: what the manifest records about the encoders (paths, config hashes, scaling).
   """
 
-  def __init__(self, encoders_config, *, context_len: int, need_t5: bool = True, need_vae: bool = True,
-               mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+  def __init__(self, t5: T5Encoder | None, tokenizer: T5Tokenizer | None, vae: AutoencoderKL | None, *,
+               context_len: int, batch_size: int = 16, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+               info: dict | None = None):
+    self.t5, self.tokenizer, self.vae = t5, tokenizer, vae
+    self.batch_size, self.context_len, self.mesh, self.rules = int(batch_size), int(context_len), mesh, rules
+    self.info = dict(info or {})
+    if t5 is not None:
+      self._t5_graph, self._t5_state = nnx.split(t5)
+    if vae is not None:
+      self._vae_graph, self._vae_state = nnx.split(vae)
+      c = vae.config
+      self.info.setdefault("vae", {}).update(
+          scaling_factor=float(c.scaling_factor), shift_factor=None if c.shift_factor is None else float(c.shift_factor))
+
+  @classmethod
+  def from_config(cls, encoders_config, *, context_len: int, need_t5: bool = True, need_vae: bool = True,
+                  mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> "FrozenEncoders":
+    """Loads the folders `config.encoders` names (a missing path is an error naming the field); with
+    `mesh`, parameters are placed by the mesh rules as they are read."""
     e = encoders_config
     dtype = primitives.compute_dtype(e.dtype)
-    self.batch_size, self.context_len, self.mesh, self.rules = int(e.batch_size), int(context_len), mesh, rules
-    self.t5 = self.tokenizer = self.vae = None
-    self.info: dict = {}
+    t5 = tokenizer = vae = None
+    info = {}
     if need_t5:
       if not e.t5_path:
         raise _missing("t5_path", "the T5 encoder its features were prepared with")
-      self.tokenizer = T5Tokenizer.from_pretrained(e.t5_path, context_len=self.context_len)
-      self.t5 = T5Encoder.from_pretrained(e.t5_path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules)
-      self.info["t5"] = {"path": os.path.abspath(e.t5_path), "config_sha256": config_hash(e.t5_path, "text_encoder")}
-      self._t5_graph, self._t5_state = nnx.split(self.t5)
+      tokenizer = T5Tokenizer.from_pretrained(e.t5_path, context_len=context_len)
+      t5 = T5Encoder.from_pretrained(e.t5_path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules)
+      info["t5"] = {"path": os.path.abspath(e.t5_path), "config_sha256": config_hash(e.t5_path, "text_encoder")}
     if need_vae:
       if not e.vae_path:
         raise _missing("vae_path", "the VAE its latents were prepared with")
-      self.vae = AutoencoderKL.from_pretrained(e.vae_path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules)
-      c = self.vae.config
-      self.info["vae"] = {"path": os.path.abspath(e.vae_path), "config_sha256": config_hash(e.vae_path, "vae"),
-                          "scaling_factor": float(c.scaling_factor),
-                          "shift_factor": None if c.shift_factor is None else float(c.shift_factor)}
-      self._vae_graph, self._vae_state = nnx.split(self.vae)
+      vae = AutoencoderKL.from_pretrained(e.vae_path, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules)
+      info["vae"] = {"path": os.path.abspath(e.vae_path), "config_sha256": config_hash(e.vae_path, "vae")}
+    return cls(t5, tokenizer, vae, context_len=context_len, batch_size=e.batch_size, mesh=mesh, rules=rules,
+               info=info)
 
   def latent_shape(self, image_size: int) -> tuple[int, int, int]:
     """(h, w, c) of the latent of an image_size x image_size image."""

@@ -55,7 +55,8 @@ def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_ima
     raise ValueError(f"--examples_per_shard must be >= 1, got {examples_per_shard}")
   min_size = c.image_size // 4 if min_image_size is None else min_image_size
   # -- Encoders (frozen), placed on this process's devices ------------------------
-  encoders = encoders or FrozenEncoders(config.encoders, context_len=config.model.context_len, mesh=local_mesh())
+  encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len,
+                                                   mesh=local_mesh())
   fields = manifest_fields(config, encoders, c.source)  # also checks image_size against the VAE
   # -- Encode this process's shards ------------------------------------------------
   source = sources.make_source(c)
