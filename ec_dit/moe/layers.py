@@ -40,26 +40,34 @@ class DenseMLP(nnx.Module):
 
 
 class Experts(nnx.Module):
-  """E expert MLPs stored stacked: wi [E, D, H], wo [E, H, D].
+  """E expert MLPs stored stacked: wi [E, D, H], wo [E, H, D] (biases bi, bo unless `use_bias=False`).
 
   Logical axes ('expert', 'embed', 'expert_mlp') let the sharding rules put
   experts on the `expert` mesh axis and their hidden width on `tensor`.
   """
 
   def __init__(self, num_experts: int, d: int, hidden: int, *, activation: str = "gelu",
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               use_bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
     self.activation = activation
     self.dtype = dtype
     e = num_experts
+
+    def bias(shape, axes):
+      return primitives.param(rngs, primitives.zeros_init, shape, axes) if use_bias else None
+
     self.wi = primitives.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
-    self.bi = primitives.param(rngs, primitives.zeros_init, (e, hidden), ("expert", "expert_mlp"))
+    self.bi = bias((e, hidden), ("expert", "expert_mlp"))
     self.wg = (primitives.param(rngs, _expert_init, (e, d, hidden), ("expert", "embed", "expert_mlp"))
                if activation == "swiglu" else None)
     self.wo = primitives.param(rngs, _expert_init, (e, hidden, d), ("expert", "expert_mlp", "embed"))
-    self.bo = primitives.param(rngs, primitives.zeros_init, (e, d), ("expert", "embed"))
+    self.bo = bias((e, d), ("expert", "embed"))
 
   def _w(self, p):
     return p[...].astype(self.dtype)
+
+  def _b(self, p, index):
+    """Bias `p` indexed by `index`, or 0 when the experts have no biases."""
+    return 0.0 if p is None else self._w(p)[index]
 
   def __call__(self, x_gecd: jax.Array) -> jax.Array:
     """Each expert e runs on its own slots: [G, E, C, D] -> [G, E, C, D]."""
@@ -76,25 +84,24 @@ class Experts(nnx.Module):
     # its inverse on the way out.
     x_gecd = sharding.constrain(x_gecd, ("expert_group", "expert", None, None))
     x_egcd = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1)
-    bi = self._w(self.bi)[:, None, None, :]
-    h_egch = jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wi)) + bi
+    h_egch = jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wi)) + self._b(self.bi, (slice(None), None, None))
     if self.wg is not None:
       h_egch = jax.nn.silu(jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wg))) * h_egch
     else:
       h_egch = primitives.gelu(h_egch)
     h_egch = sharding.constrain(h_egch, ("expert", "expert_group", None, "expert_mlp"))
-    y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._w(self.bo)[:, None, None, :]
+    y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._b(self.bo, (slice(None), None, None))
     return sharding.constrain(jnp.swapaxes(y_egcd, 0, 1), ("expert_group", "expert", None, None))
 
   def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Rows sorted by expert, `group_sizes[e]` rows for expert e: grouped matmuls, no padding."""
     x_nd = x_nd.astype(self.dtype)
-    h_nh = jax.lax.ragged_dot(x_nd, self._w(self.wi), group_sizes) + self._w(self.bi)[expert_of_row]
+    h_nh = jax.lax.ragged_dot(x_nd, self._w(self.wi), group_sizes) + self._b(self.bi, expert_of_row)
     if self.wg is not None:
       h_nh = jax.nn.silu(jax.lax.ragged_dot(x_nd, self._w(self.wg), group_sizes)) * h_nh
     else:
       h_nh = primitives.gelu(h_nh)
-    return jax.lax.ragged_dot(h_nh, self._w(self.wo), group_sizes) + self._w(self.bo)[expert_of_row]
+    return jax.lax.ragged_dot(h_nh, self._w(self.wo), group_sizes) + self._b(self.bo, expert_of_row)
 
 
 def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
@@ -155,13 +162,15 @@ def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape):
   }
 
 
-def _init_routed(layer: nnx.Module, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype):
+def _init_routed(layer: nnx.Module, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype,
+                 expert_bias=True):
   """What both MoE kinds hold: E experts behind a router, a dispatch method and a routing group size."""
   layer.num_experts = num_experts
   layer.dispatch = dispatch
   layer.group_size = group_size
   layer.router = Router(d, num_experts, rngs=rngs)
-  layer.experts = Experts(num_experts, d, hidden, activation=activation, rngs=rngs, dtype=dtype)
+  layer.experts = Experts(num_experts, d, hidden, activation=activation, use_bias=expert_bias, rngs=rngs,
+                          dtype=dtype)
 
 
 class ExpertChoiceMoE(nnx.Module):
@@ -176,8 +185,8 @@ class ExpertChoiceMoE(nnx.Module):
 
   def __init__(self, d: int, *, num_experts: int, hidden: int, train_capacity_factor: float = 2.0,
                eval_capacity_factor: float = 2.0, dispatch: str = "einsum", group_size: int = 0,
-               activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
-    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype)
+               activation: str = "gelu", expert_bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype, expert_bias)
     self.train_capacity_factor = train_capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
     self.deterministic = False
@@ -207,8 +216,9 @@ class TokenChoiceMoE(nnx.Module):
 
   def __init__(self, d: int, *, num_experts: int, hidden: int, k: int = 2, num_shared_experts: int = 0,
                capacity_factor: float = 0.0, renormalize_gates: bool = False, dispatch: str = "einsum",
-               group_size: int = 0, activation: str = "gelu", rngs: nnx.Rngs, dtype=jnp.float32):
-    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype)
+               group_size: int = 0, activation: str = "gelu", expert_bias: bool = True, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype, expert_bias)
     self.k = k
     self.capacity_factor = capacity_factor
     self.renormalize_gates = renormalize_gates

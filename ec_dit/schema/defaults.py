@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ec_dit.schema.class_cond import class_cond_model_defaults, class_diffusion_defaults
+
 # -- Allowed values ------------------------------------------------------------
 FFN_KINDS = ("dense", "expert_choice", "token_choice")
 DISPATCHES = ("einsum", "gather")
@@ -67,6 +69,7 @@ VARIANTS = {
 def model_defaults() -> ml_collections.ConfigDict:
   """Defaults of `config.model`: a DiT-XL/2-sized EC-DiT on a 32x32x4 latent."""
   return ml_collections.ConfigDict(dict(
+      arch="ec_dit",          # "ec_dit" (text-to-image) or "dit_moe" (class-conditional); schema.class_cond
       input_size=32,          # latent (or pixel) height = width
       in_channels=4,          # latent channels (3 for pixel space)
       patch_size=2,
@@ -103,6 +106,7 @@ def model_defaults() -> ml_collections.ConfigDict:
           # dense kind: width of the FFN at the MoE positions, as a multiple of hidden
           dense_mlp_ratio=4.0,
       ),
+      class_cond=class_cond_model_defaults(),  # read when arch == "dit_moe"
   ))
 
 
@@ -209,6 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
       experts=True,   # expert matrices too (else AdamW for them)
   ))
   config.ema_decay = 0.9999
+  config.class_diffusion = class_diffusion_defaults()  # DDPM / rectified flow of class-conditional models
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 3

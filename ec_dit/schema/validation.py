@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from ec_dit.schema.class_cond import validate_class_cond
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DTYPES, FFN_KINDS, GENEVAL_DOMAINS,
                                     MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
@@ -103,6 +104,7 @@ def validate(config) -> None:
   """Validates a whole config against the schema; raises ValueError naming the field."""
   _check_keys(config, base_config())
   validate_model(config.model)
+  validate_class_cond(config)
   validate_training(config)
   validate_input(config.input)
   validate_mesh(config.mesh)

@@ -1,0 +1,121 @@
+"""Class-conditional sampling (DiT-MoE): load a run, give class labels, get latents or images.
+
+    from ec_dit.inference_class import ClassToImagePipeline
+    pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A")       # e.g. from `python -m ec_dit.convert`
+    latents = pipe.generate([207, 360, 387], seed=0)                  # [3, 32, 32, 4] float32
+    pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A", vae=my_vae)
+    images = pipe.generate([207, 360], seed=0)                        # uint8 [2, 256, 256, 3]
+
+Without a VAE the pipeline returns latents. With one (any object with
+`.decode(latents) -> images in [-1, 1], [B, H, W, 3]`), latents are divided by
+`latent_scale` (0.18215, the SD VAE's factor, as DiT's sample.py does) and decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ec_dit import checkpoint, class_diffusion, inference
+from ec_dit.model import dit_moe
+
+SD_VAE_SCALE = 0.18215
+
+
+def restore_ema(config, workdir: str, step: int | None = None) -> dict:
+  """The EMA parameters of a class-conditional run's latest (or given) checkpoint."""
+  path = checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoints in {path}: train, or import a checkpoint with python -m ec_dit.convert")
+  with ocp.CheckpointManager(path, item_names=("state", "ema", "data_iter")) as manager:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise ValueError(f"step {step} not among the checkpoints in {path}: {sorted(steps)}")
+      steps = [step]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {path}")
+    target = dit_moe.abstract_params(config)
+    restored = manager.restore(steps[0], args=ocp.args.Composite(ema=ocp.args.StandardRestore(target)))
+    return jax.device_get(restored["ema"])
+
+
+class ClassToImagePipeline:
+  """Class labels in, latents (or decoded images) out; jitted once per batch size, deterministic per seed.
+
+  Args:
+    config: the run's config (`config.model.arch == "dit_moe"`).
+    params: the network parameters (a pure dict, normally the EMA weights).
+    vae: optional decoder with `.decode(latents)`; without it `generate` returns latents.
+    batch_size: images per jitted call (labels are padded to it).
+    latent_scale: latents are divided by it before `vae.decode`.
+  """
+
+  def __init__(self, config, params, *, vae=None, batch_size: int = 16, latent_scale: float = SD_VAE_SCALE):
+    if config.model.arch != "dit_moe":
+      raise ValueError(f"config.model.arch must be 'dit_moe' for ClassToImagePipeline, got {config.model.arch!r}")
+    self.config, self.params, self.vae = config, params, vae
+    self.batch_size, self.latent_scale = batch_size, latent_scale
+    abstract = dit_moe.abstract_model(config)
+    abstract.eval()  # no balance loss; evaluation capacity for expert choice
+    self._graphdef, _ = nnx.split(abstract, nnx.Param)
+    m = config.model
+    self.latent_shape = (m.input_size, m.input_size, m.in_channels)
+
+  @classmethod
+  def from_run(cls, workdir: str, *, step: int | None = None, vae=None, batch_size: int = 16,
+               latent_scale: float = SD_VAE_SCALE) -> "ClassToImagePipeline":
+    """Loads the EMA weights of a run directory (a training run or an imported checkpoint)."""
+    config = inference.load_run_config(workdir)
+    return cls(config, restore_ema(config, workdir, step), vae=vae, batch_size=batch_size,
+               latent_scale=latent_scale)
+
+  def __hash__(self):  # jit treats `self` as static
+    return id(self)
+
+  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+  def _sample(self, params, labels, x_T, keys, sampler, num_steps, guidance_scale):
+    model = nnx.merge(self._graphdef, params)
+    return class_diffusion.sample(model, labels, x_T, self.config, key=keys, sampler=sampler, num_steps=num_steps,
+                                  guidance_scale=guidance_scale)
+
+  def generate(self, class_labels: Sequence[int], *, seed: int = 0, sampler: str | None = None,
+               num_steps: int | None = None, guidance_scale: float | None = None, first_index: int = 0):
+    """Latents [N, H, W, C] float32, or uint8 images [N, H', W', 3] when the pipeline has a VAE.
+
+    Image i depends only on (seed, first_index + i), its label and the weights.
+    Settings left as None come from `config.class_diffusion`.
+    """
+    d = self.config.class_diffusion
+    sampler = sampler or d.sampler
+    num_steps = int(num_steps or d.num_sampling_steps)
+    guidance_scale = float(d.guidance_scale if guidance_scale is None else guidance_scale)
+    labels = [int(y) for y in class_labels]
+    n = self.config.model.class_cond.num_classes
+    bad = [y for y in labels if not 0 <= y <= n]
+    if bad:
+      raise ValueError(f"class labels must be in [0, {n}] ({n} = the null class), got {bad[:5]}")
+    out = []
+    for start in range(0, len(labels), self.batch_size):
+      chunk = labels[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      keys = [jax.random.fold_in(jax.random.key(seed), first_index + start + i) for i in range(len(chunk))]
+      keys += [jax.random.key(0)] * pad
+      keys = jnp.stack(keys)  # per image: the initial noise from fold_in(key, 0), the sampler's from fold_in(key, 1)
+      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), self.latent_shape))(keys)
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+      latents = self._sample(self.params, jnp.asarray(chunk + [n] * pad, jnp.int32), x_T, step_keys, sampler,
+                             num_steps, guidance_scale)
+      out.append(np.asarray(latents[:len(chunk)]))
+    latents = np.concatenate(out) if out else np.zeros((0,) + self.latent_shape, np.float32)
+    if self.vae is None:
+      return latents
+    images = np.asarray(self.vae.decode(jnp.asarray(latents) / self.latent_scale), np.float32)
+    return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)

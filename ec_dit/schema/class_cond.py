@@ -1,0 +1,120 @@
+"""The class-conditional (DiT-MoE) part of the schema: defaults and validation.
+
+Two pieces of the config belong to class-conditional models:
+
+* `config.model.arch` picks the network: "ec_dit" (the text-to-image EC-DiT,
+  `ec_dit.model.dit`) or "dit_moe" (DiT-MoE's class-conditional DiT,
+  `ec_dit.model.dit_moe`), and `config.model.class_cond` holds the fields only
+  the class-conditional network reads.
+* `config.class_diffusion` holds its diffusion process and sampler
+  (`ec_dit.ddpm`, `ec_dit.class_diffusion`).
+
+Like the rest of `ec_dit.schema`, this module imports nothing else from `ec_dit`
+(not even `ec_dit.schema.validation`, which imports it).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import ml_collections
+
+ARCHS = ("ec_dit", "dit_moe")
+CLASS_OBJECTIVES = ("ddpm", "rectified_flow")   # DiT's gaussian diffusion, DiT-MoE's rectified_flow.py
+CLASS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "rectified_flow": ("euler",)}
+DIT_MOE_FFN_KINDS = ("token_choice", "expert_choice")
+
+
+def class_cond_model_defaults() -> ml_collections.ConfigDict:
+  """`config.model.class_cond`: read only when `config.model.arch == "dit_moe"`."""
+  return ml_collections.ConfigDict(dict(
+      num_classes=1000,     # labels 0..num_classes-1; index num_classes is the null class (guidance)
+      class_dropout=0.1,    # labels replaced by the null class while training
+      learn_sigma=True,     # output 2C channels: noise and the learned-range variance
+      qk_norm=False,        # LayerNorm (with affine) on q and k per head: DiT-MoE's flash-attention
+                            # blocks, which its XL/2 and G/2 checkpoints were trained with
+  ))
+
+
+def class_diffusion_defaults() -> ml_collections.ConfigDict:
+  """`config.class_diffusion`: the diffusion process and sampler of a class-conditional model."""
+  return ml_collections.ConfigDict(dict(
+      objective="ddpm",         # one of CLASS_OBJECTIVES
+      num_timesteps=1000,       # DDPM: linear betas from beta_start to beta_end
+      beta_start=1e-4,
+      beta_end=0.02,
+      sampler="ddpm",           # ddpm (ancestral) or ddim for "ddpm"; euler for "rectified_flow"
+      num_sampling_steps=250,   # DDPM/DDIM: respaced steps; rectified flow: Euler steps
+      guidance_scale=4.0,       # classifier-free guidance; 1 = none
+      # Guided channels: DiT's forward_with_cfg guides only the first 3 of the 4 noise channels
+      # ("for exact reproducibility reasons"); its checkpoints' published samples were made so.
+      # 0 = every noise channel (standard classifier-free guidance).
+      guidance_channels=3,
+      class_labels=(207, 360, 387, 974, 88, 979, 417, 279),  # sample grids (DiT-MoE's sample.py)
+  ))
+
+
+def _fail(field: str, allowed: str, got: Any):
+  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
+
+
+def _int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def validate_class_cond(config) -> None:
+  """Checks `config.model.arch`, `config.model.class_cond` and `config.class_diffusion`.
+
+  Raises ValueError naming the first bad field. The DiT-MoE network has an MoE
+  FFN of SwiGLU experts in every block, so its `model.ffn` must say so.
+  """
+  m, c, d = config.model, config.model.class_cond, config.class_diffusion
+  if m.arch not in ARCHS:
+    _fail("model.arch", f"one of {ARCHS}", m.arch)
+  if not _int(c.num_classes) or c.num_classes < 1:
+    _fail("model.class_cond.num_classes", "a positive integer", c.num_classes)
+  if not _real(c.class_dropout) or not 0.0 <= c.class_dropout < 1.0:
+    _fail("model.class_cond.class_dropout", "a number in [0, 1)", c.class_dropout)
+  for name in ("learn_sigma", "qk_norm"):
+    if not isinstance(c[name], bool):
+      _fail(f"model.class_cond.{name}", "True or False", c[name])
+  if m.arch == "dit_moe":
+    f = m.ffn
+    if f.kind not in DIT_MOE_FFN_KINDS:
+      _fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)
+    if f.activation != "swiglu":
+      _fail("model.ffn.activation", "'swiglu' with model.arch='dit_moe' (its experts are SwiGLU)", f.activation)
+    if f.moe_every != 1 or f.dense_first_n != 0:
+      _fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
+            (f.moe_every, f.dense_first_n))
+    if f.decoupled_routing:
+      _fail("model.ffn.decoupled_routing", "False with model.arch='dit_moe' (its gate sees the FFN input)",
+            f.decoupled_routing)
+    if m.prediction != "velocity":
+      _fail("model.prediction", "'velocity' with model.arch='dit_moe' (the output is the raw network output)",
+            m.prediction)
+  if d.objective not in CLASS_OBJECTIVES:
+    _fail("class_diffusion.objective", f"one of {CLASS_OBJECTIVES}", d.objective)
+  if not _int(d.num_timesteps) or d.num_timesteps < 2:
+    _fail("class_diffusion.num_timesteps", "an integer >= 2", d.num_timesteps)
+  if not (_real(d.beta_start) and _real(d.beta_end) and 0.0 < d.beta_start < d.beta_end < 1.0):
+    _fail("class_diffusion.beta_start", "0 < beta_start < beta_end < 1", (d.beta_start, d.beta_end))
+  allowed = CLASS_SAMPLERS[d.objective]
+  if d.sampler not in allowed:
+    _fail("class_diffusion.sampler", f"one of {allowed} with objective={d.objective!r}", d.sampler)
+  limit = d.num_timesteps if d.objective == "ddpm" else 10**6
+  if not _int(d.num_sampling_steps) or not 1 <= d.num_sampling_steps <= limit:
+    _fail("class_diffusion.num_sampling_steps", f"an integer in [1, {limit}]", d.num_sampling_steps)
+  if not _real(d.guidance_scale) or d.guidance_scale < 0:
+    _fail("class_diffusion.guidance_scale", "a number >= 0 (1 = no guidance)", d.guidance_scale)
+  if not _int(d.guidance_channels) or not 0 <= d.guidance_channels <= m.in_channels:
+    _fail("class_diffusion.guidance_channels", f"an integer in [0, model.in_channels={m.in_channels}] "
+          "(0 = all)", d.guidance_channels)
+  labels = d.class_labels
+  if isinstance(labels, (str, bytes)) or not all(_int(y) and 0 <= y < c.num_classes for y in labels):
+    _fail("class_diffusion.class_labels", f"a list of integers in [0, num_classes={c.num_classes})", labels)
