@@ -147,13 +147,22 @@ def _run_slots(method: str, x_gsd, slots, experts):
   return y_gsd, counts, jnp.sum(slots.valid.astype(jnp.float32), axis=(0, 2))
 
 
-def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape):
+def _chosen(slots, shape_gse):
+  """[G, S, E]: 1 where expert e holds token s in a (valid) slot."""
+  g_idx, e_idx = jnp.arange(shape_gse[0])[:, None, None], jnp.arange(shape_gse[2])[None, :, None]
+  return jnp.zeros(shape_gse, jnp.float32).at[g_idx, slots.token_indices, e_idx].add(slots.valid.astype(jnp.float32))
+
+
+def _common_diagnostics(logits, probs, per_token_experts, usage, batch_shape, chosen):
   """Diagnostics shared by both routers.
 
-  per_token_experts: [G, S] routed experts per token; usage: [E] tokens each expert processed.
+  per_token_experts: [G, S] routed experts per token; usage: [E] tokens each expert processed;
+  chosen: [G, S, E] 1 where expert e processed token s, reported per image as `expert_choices`
+  [B, S, E] (for routing maps and specialisation; unused outputs cost nothing under jit).
   """
   return {
       "experts_per_token": per_token_experts.reshape(batch_shape),
+      "expert_choices": chosen.reshape(batch_shape + chosen.shape[-1:]),
       "expert_usage": usage / jnp.maximum(jnp.sum(usage), 1.0),
       "router_prob_per_expert": jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0),
       "router_z_loss": routing.router_z_loss(logits),
@@ -199,7 +208,7 @@ class ExpertChoiceMoE(nnx.Module):
     x_gsd, logits, probs = self.router.route(x, router_input, self.group_size)
     slots = routing.expert_choice_slots(probs, self.capacity(x_gsd.shape[1]))
     y_gsd, counts, usage = _run_slots(self.dispatch, x_gsd, slots, self.experts)
-    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2])
+    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2], _chosen(slots, probs.shape))
     return y_gsd.reshape(x.shape).astype(x.dtype), diagnostics
 
 
@@ -245,11 +254,13 @@ class TokenChoiceMoE(nnx.Module):
       c = routing.capacity(x_gsd.shape[1] * self.k, self.capacity_factor, self.num_experts)
       slots = routing.token_choice_slots(gates_gsk, experts_gsk, self.num_experts, c)
       y_gsd, counts, usage = _run_slots(self.dispatch, x_gsd, slots, self.experts)
+      chosen = _chosen(slots, probs.shape)
     else:
       y_gsd, counts, usage = self._dropless(x_gsd, gates_gsk, experts_gsk)
+      chosen = jnp.sum(jax.nn.one_hot(experts_gsk, self.num_experts), axis=2)
     y = y_gsd.reshape(x.shape).astype(x.dtype)
     for shared in self.shared:
       y = y + shared(x)[0]
-    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2])
+    diagnostics = _common_diagnostics(logits, probs, counts, usage, x.shape[:2], chosen)
     diagnostics["balance_loss"] = routing.balance_loss(probs, experts_gsk, self.num_experts)
     return y, diagnostics
