@@ -67,6 +67,24 @@ def test_routing_map_figure_panels_and_expert_choice_invariant():
   assert len([ax for ax in fig.axes if ax.images]) >= len(layers)
 
 
+class _Writer:
+  def __init__(self):
+    self.images = {}
+
+  def write_image(self, step, tag, image):
+    self.images[tag] = (step, image.shape)
+
+
+def test_training_hook_writes_png_and_tensorboard_images(tmp_path):
+  pipe = _pipeline()
+  pipe.config.sample.num_steps = 2
+  writer = _Writer()
+  path = routing_maps.write_training_routing_maps(pipe.config, pipe.params, str(tmp_path), 7, writer, pipe=pipe)
+  assert path == str(tmp_path / "routing_maps" / "step_0000007.png") and (tmp_path / "routing_maps").is_dir()
+  assert set(writer.images) == {"routing_maps", "routing_spread"}
+  assert writer.images["routing_maps"][0] == 7 and writer.images["routing_maps"][1][-1] == 3
+
+
 def test_token_choice_maps_show_k_plus_shared():
   pipe = _pipeline("dit_moe")
   f = pipe.config.model.ffn
