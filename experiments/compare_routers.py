@@ -45,14 +45,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# The library's entry points, in one place (the module layout is moving; rename here):
-#   train           -> ec_dit.training.loop.train
-#   evaluate        -> ec_dit.geneval.generate (evaluate_run or similar)
-#   generate_into   -> ec_dit.geneval.generate
-#   TextToImagePipeline -> ec_dit.inference;  geneval.summary -> geneval.scores
-from ec_dit.train import evaluate, generate_into, train
-from ec_dit.pipeline import TextToImagePipeline
-from ec_dit.geneval import harness, prompts as prompts_lib, summary as scores_lib
+# The library's entry points, in one place:
+from ec_dit.geneval import harness, prompts as prompts_lib, scores as scores_lib
+from ec_dit.geneval.generate import evaluate_run as evaluate, generate_into
+from ec_dit.inference import TextToImagePipeline
+from ec_dit.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("ec", "tc", "dit_moe", "dense")

@@ -9,7 +9,7 @@ from flax import nnx
 from ec_dit import model as model_lib
 from ec_dit.moe import layers as moe_layers
 from ec_dit.moe import routing
-from ec_dit.pipeline import TextToImagePipeline
+from ec_dit.inference import TextToImagePipeline
 from ec_dit.tools import routing_maps
 from helpers import micro_config
 
@@ -97,14 +97,14 @@ def test_token_choice_maps_show_k_plus_shared():
 def _recording_router_logits(monkeypatch):
   """Every router call (the model runs eagerly) appends its logits [G, S', E] to the returned list."""
   seen = []
-  original = moe_layers._Router.__call__
+  original = moe_layers.Router.__call__
 
   def record(self, x):
     out = original(self, x)
     seen.append(np.asarray(out))
     return out
 
-  monkeypatch.setattr(moe_layers._Router, "__call__", record)
+  monkeypatch.setattr(moe_layers.Router, "__call__", record)
   return seen
 
 

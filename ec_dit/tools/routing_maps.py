@@ -25,9 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# ec_dit imports, in one place (the module layout is moving; see docs/routing.md)
-from ec_dit.geneval.layout import save_png
-from ec_dit.pipeline import TextToImagePipeline
+from ec_dit.images import save_png
+from ec_dit.inference import TextToImagePipeline
 from ec_dit.tools.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
                                        shapes_world_groups, specialisation_counts, trace_routing, foreground)
 

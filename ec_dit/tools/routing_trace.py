@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# ec_dit imports, in one place (the module layout is moving)
 from ec_dit import diffusion
-from ec_dit.data.shapes_world import BACKGROUND, COLOR_NAMES, SHAPES, with_article
-from ec_dit.pipeline import TextToImagePipeline
+from ec_dit.data.shapes_world import BACKGROUND, COLOR_NAMES
+from ec_dit.inference import TextToImagePipeline
+from ec_dit.vocabulary import SHAPES, with_article
 
 
 @dataclasses.dataclass
