@@ -53,10 +53,11 @@ from ec_dit.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("ec", "tc", "dit_moe", "dense")
-# Measured on this 2-core machine, alone (tiny config, batch 32): ec 4.3 and dense 4.3 steps/s,
-# tc 1.9 (README benchmark table); dit_moe about 1.6 (its shared experts add two dense FFNs).
-# 3 seeds x 4 variants x 800 steps is ~65 min of training plus ~20 min of scoring and compiling.
-DEFAULT_STEPS = 800
+# The budget, from step and sampling speeds measured on this 2-core machine alone (tiny config, batch 32;
+# experiments/benchmark_train.py): ec 4.3 and dense 4.3 train steps/s, tc 1.9, dit_moe ~1.6 (tc plus two
+# shared dense FFNs); sampling 13.7 (ec), 10.8 (dense), 4.5 (tc) images/s. 3 seeds x 700 steps is ~57 min
+# of training; scoring 308 images per run at two budgets ~20 min; compiling ~6 min: ~85 min in all.
+DEFAULT_STEPS = 700
 TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -274,7 +275,7 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--checkpoints", type=int, default=20,
                       help="checkpoints per run, all kept (the granularity of the equal-wall-clock score)")
-  parser.add_argument("--per_task", type=int, default=50, help="GenEval-style prompts per task")
+  parser.add_argument("--per_task", type=int, default=25, help="GenEval-style prompts per task (25: 77 prompts)")
   parser.add_argument("--images_per_prompt", type=int, default=4)
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]

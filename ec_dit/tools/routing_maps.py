@@ -190,7 +190,7 @@ def routing_maps_to_files(workdir: str, prompts: Sequence[str], *, steps: Sequen
     for by in specialisation_by:
       for region in ("all", "objects"):
         labels, counts = expert_specialisation(pipe, shapes_world_groups(by), seed=seed, region=region)
-        fig = specialisation_figure(labels, counts, f"expert choice frequency per {by} ({region} tokens)")
+        fig = specialisation_figure(labels, counts, f"expert choice frequency per {by} ({region.rstrip('s')} tokens)")
         paths.append(save_figure(fig, os.path.join(out_dir, f"specialisation_{by}_{region}.png")))
   return paths
 
