@@ -89,14 +89,21 @@ def read_log(workdir: str) -> dict[int, dict]:
   return rows
 
 
-def curve(workdir: str, log_every: int):
-  """(steps, mse, cumulative seconds) of a run from its metrics.jsonl."""
+def curve(workdir: str):
+  """(steps, mse, cumulative seconds) of a run from its metrics.jsonl.
+
+  The first interval keeps its compilation. A later interval slower than a third of
+  the run's median rate is a restart after an interruption (recompiling, restoring):
+  it is counted at the median rate, so an interrupted run is not charged for it.
+  """
   rows = read_log(workdir)
   steps = sorted(rows)
-  seconds, last = [], 0
-  total = 0.0
-  for s in steps:
-    total += (s - last) / max(rows[s]["steps_per_sec"], 1e-9)
+  rates = np.array([max(rows[s]["steps_per_sec"], 1e-9) for s in steps])
+  median = float(np.median(rates))
+  seconds, last, total = [], 0, 0.0
+  for i, s in enumerate(steps):
+    rate = median if i > 0 and rates[i] < median / 3 else rates[i]
+    total += (s - last) / rate
     seconds.append(total)
     last = s
   return np.array(steps), np.array([rows[s]["mse"] for s in steps]), np.array(seconds)
@@ -168,7 +175,7 @@ def summarise(args, runs):
   by_variant: dict[str, list] = {}
   for variant, seed, workdir in runs:
     config = load_config(variant, args, seed)
-    steps, mse, seconds = curve(workdir, config.log_every_steps)
+    steps, mse, seconds = curve(workdir)
     by_variant.setdefault(variant, []).append(dict(seed=seed, workdir=workdir, config=config, steps=steps,
                                                    mse=mse, seconds=seconds))
   # Equal wall clock: the mean training time of the fastest variant (every variant has run that long).
@@ -213,7 +220,7 @@ def summarise(args, runs):
 
 def format_table(rows, args, budget) -> str:
   lines = [f"Tiny ShapesWorld, {args.steps} steps, seeds {args.seeds}; GenEval-style score (% of tasks, "
-           f"mean ± sd over seeds; per_task {args.per_task}, {args.images_per_prompt} images per prompt). "
+           f"mean ± sd over seeds; per_task {args.per_task}, images per prompt {args.images_per_prompt}). "
            f"Equal wall clock W = {budget:.0f} s of training.", "",
            "| variant | steps/s | train time (s) | final MSE | score @ equal steps | steps within W | "
            "score @ equal wall clock |", "|---|---|---|---|---|---|---|"]
@@ -222,6 +229,7 @@ def format_table(rows, args, budget) -> str:
     lines.append(f"| {r['variant']} | {r['steps_per_sec']:.2f} | {r['train_seconds']:.0f} | {r['final_mse']:.4f} | "
                  f"{_fmt(r['score_equal_steps'], r['score_equal_steps_sd'])} | {steps_w} | "
                  f"{_fmt(r['score_equal_wall_clock'], r['score_equal_wall_clock_sd'])} |")
+  lines.append("\n\"-\": no checkpoint of that run within W (its first checkpoint came later).")
   by = {r["variant"]: r for r in rows}
   if "ec" in by and len(by) > 1:
     for key, name in (("score_equal_steps", "equal steps"), ("score_equal_wall_clock", "equal wall clock")):
@@ -253,7 +261,7 @@ def plot(by_variant, budget, path):
     mse = np.stack([_smooth(r["mse"][:n]) for r in rs])
     seconds = np.mean(np.stack([r["seconds"][:n] for r in rs]), axis=0)
     for ax, x in ((ax_steps, steps), (ax_time, seconds)):
-      ax.plot(x, mse.mean(0), color=f"C{i}", label=f"{variant} ({len(rs)} seeds)")
+      ax.plot(x, mse.mean(0), color=f"C{i}", label=f"{variant} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
       ax.fill_between(x, mse.min(0), mse.max(0), color=f"C{i}", alpha=0.2)
   ax_time.axvline(budget, color="k", linestyle=":", linewidth=1, label="equal wall clock W")
   ax_steps.set_xlabel("training step")
