@@ -103,14 +103,14 @@ class TextToImagePipeline:
     params = checkpoint.restore_ema(config, workdir, step=step)
     return cls(config, params, batch_size=batch_size)
 
-  def _encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(text input [B, L] ids or [B, L, d] T5 features, mask [B, L]) of the prompts."""
     if self.latent:
       features, mask, _, _ = self.encoders.text_features(prompts)
       return features, mask
     return self.tokenizer.encode_batch(prompts)
 
-  def _to_images(self, samples: jax.Array) -> np.ndarray:
+  def to_images(self, samples: jax.Array) -> np.ndarray:
     """Samples in the model's space -> uint8 images (VAE-decoded for a latent run)."""
     return self.encoders.decode(np.asarray(samples)) if self.latent else diffusion.to_uint8(samples)
 
@@ -147,13 +147,13 @@ class TextToImagePipeline:
     for start in range(0, len(jobs), self.batch_size):
       chunk = jobs[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
-      tokens, mask = self._encode_prompts([p for _, _, p in chunk] + [""] * pad)
+      tokens, mask = self.encode_prompts([p for _, _, p in chunk] + [""] * pad)
       # one noise key per image, from (seed, prompt, sample): independent of batching
       keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
                             guidance_scale, guidance_parallel, sampler)
-      out.append(self._to_images(images[:len(chunk)]))
+      out.append(self.to_images(images[:len(chunk)]))
     if not out:
       size = self.config.input.image_size if self.latent else self.image_shape[0]
       return np.zeros((0, size, size, 3 if self.latent else self.image_shape[2]), np.uint8)

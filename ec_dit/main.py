@@ -16,7 +16,7 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import distributed, inference, schema
+from ec_dit import distributed, inference, routing_maps, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
@@ -26,9 +26,11 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with a 
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train_and_evaluate",
-                  ["train_and_evaluate", "train", "evaluate", "sample", "summary", "compile"],
+                  ["train_and_evaluate", "train", "evaluate", "sample", "routing_maps", "summary", "compile"],
                   "train_and_evaluate: train, then score the GenEval-style prompt set; train: only train; "
                   "evaluate: score the latest checkpoint; sample: write PNGs for --prompt; "
+                  "routing_maps: PNGs of where the experts go for --prompt (and expert specialisation per "
+                  "ShapesWorld shape and colour) in WORKDIR/routing_maps; "
                   "summary: parameter and FLOP counts from shapes only; "
                   "compile: compile the train step for the configured mesh from abstract inputs and "
                   "print per-device memory (no weights allocated).")
@@ -39,7 +41,9 @@ flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                   "--mode=compile only: parameter / optimizer-state dtype for the memory analysis.")
 flags.DEFINE_multi_string("prompt", [], "Prompt(s) for --mode=sample.")
 flags.DEFINE_integer("num_images", 4, "Images per prompt for --mode=sample.")
-flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample.")
+flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample and --mode=routing_maps.")
+flags.DEFINE_list("routing_steps", None, "--mode=routing_maps: denoising step indices to show "
+                  "(default: 4 evenly spaced).")
 FLAGS = flags.FLAGS
 
 
@@ -91,6 +95,9 @@ def main(argv):
     paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed,
                                       encoders_config=_encoders_given(config))
     print("\n".join(paths))
+  elif FLAGS.mode == "routing_maps":
+    steps = [int(s) for s in FLAGS.routing_steps] if FLAGS.routing_steps else None
+    print("\n".join(routing_maps.routing_maps_to_files(FLAGS.workdir, FLAGS.prompt, steps=steps, seed=FLAGS.seed)))
 
 
 if __name__ == "__main__":

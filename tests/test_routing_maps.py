@@ -1,4 +1,4 @@
-"""Routing maps and expert specialisation (ec_dit.tools.routing_maps) on a micro model."""
+"""Routing maps and expert specialisation (ec_dit.routing_maps) on a micro model."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from ec_dit import model as model_lib
 from ec_dit.moe import layers as moe_layers
 from ec_dit.moe import routing
 from ec_dit.inference import TextToImagePipeline
-from ec_dit.tools import routing_maps
+from ec_dit import routing_maps
 from helpers import micro_config
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]

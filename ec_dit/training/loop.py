@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ec_dit import checkpoint, images as images_lib, schema, sharding, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, images as images_lib, routing_maps, schema, sharding, tokenizer as tokenizer_lib
 from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
@@ -161,6 +161,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main:
         grid_pipe = grid_pipe or sample_grid_pipeline(config)
         write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
+        routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
       if preemption.requested:
         writer.message(f"SIGTERM at step {step}: saving a checkpoint and exiting")
         checkpoint.save(manager, step, state, ema, data_iter, force=True)

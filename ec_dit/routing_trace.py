@@ -1,4 +1,4 @@
-"""Recording what the router does while sampling: the data behind `ec_dit.tools.routing_maps`.
+"""Recording what the router does while sampling: the data behind `ec_dit.routing_maps`.
 
 The sampler is re-run step by step (same noise as `TextToImagePipeline.generate`,
 same guidance), recording each MoE layer's diagnostics for the conditional half of
@@ -97,7 +97,7 @@ def trace_routing(pipe: TextToImagePipeline, prompts: Sequence[str] | str, *, se
   parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
   sampler = sampler or s.sampler
   encode, velocity = _routing_fns(pipe, scale, parallel)
-  tokens, mask = pipe.tokenizer.encode_batch(prompts)
+  tokens, mask = pipe.encode_prompts(list(prompts))
   context = encode(pipe.params, jnp.asarray(tokens), jnp.asarray(mask))
   keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), 0)
                     for i in range(len(prompts))])
@@ -121,7 +121,7 @@ def trace_routing(pipe: TextToImagePipeline, prompts: Sequence[str] | str, *, se
   layers = sorted(records[0]) if records else []
   stack = lambda name, key, dtype: np.stack([np.asarray(r[name][key]).astype(dtype) for r in records])
   return RoutingTrace(
-      prompts=prompts, images=diffusion.to_uint8(x), ts=ts[:num_steps],
+      prompts=prompts, images=pipe.to_images(x), ts=ts[:num_steps],
       experts_per_token={n: stack(n, "experts_per_token", np.float32) + shared for n in layers},
       expert_choices={n: stack(n, "expert_choices", np.uint8) for n in layers},
       kind=f.kind, num_experts=f.num_experts, patch_size=pipe.config.model.patch_size)

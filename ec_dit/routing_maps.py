@@ -1,6 +1,6 @@
 """What the router does: routing maps, the per-token compute spread, expert specialisation.
 
-    from ec_dit.tools import routing_maps
+    from ec_dit import routing_maps
     pipe = TextToImagePipeline.from_run("runs/tiny")
     trace = routing_maps.trace_routing(pipe, ["a photo of a red circle"])
     routing_maps.routing_map_figure(trace)      # the image beside experts-per-token maps per MoE layer and step
@@ -10,7 +10,7 @@
     routing_maps.specialisation_figure(labels, counts)   # how often each expert is chosen per group
 
 Recording (`trace_routing`, `expert_specialisation`, ...) lives in
-`ec_dit.tools.routing_trace` and is re-exported here. Figures are plain matplotlib
+`ec_dit.routing_trace` and is re-exported here. Figures are plain matplotlib
 `Figure`s drawn with the Agg canvas (no pyplot state, no display needed); in a
 notebook, `display(fig)` shows them inline.
 """
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from ec_dit.images import save_png
 from ec_dit.inference import TextToImagePipeline
-from ec_dit.tools.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
+from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
                                        shapes_world_groups, specialisation_counts, trace_routing, foreground)
 
 NUM_SHOWN_STEPS = 4  # denoising steps shown by default: evenly spaced from the first to the last
