@@ -12,5 +12,7 @@ from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, D
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS, TOKENIZERS,
                                     VARIANTS, apply_variant, base_config, input_defaults, mesh_defaults,
                                     model_defaults, paper_model)
+from ec_dit.schema.resume import (RESUME_SAFE_FIELDS, RESUME_STATE_FIELDS, config_differences, flatten,
+                                  is_safe_field, is_state_field, split_differences)
 from ec_dit.schema.validation import (as_axes, fail, is_int, parse_source, validate, validate_input, validate_mesh,
                                       validate_model, validate_training, with_input_defaults)
