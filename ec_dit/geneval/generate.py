@@ -21,9 +21,9 @@ def evaluate_run(config, workdir: str) -> dict[str, Any]:
   g = config.geneval
   out = os.path.join(workdir, "geneval")
   suite = prompts_lib.suite_from_config(g)
+  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size)  # fails first on a missing run: writes nothing
   os.makedirs(out, exist_ok=True)
   prompts_lib.write_prompts(suite, os.path.join(out, "prompts.jsonl"))
-  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size)
   # The sampler settings come from the config given now (the run's weights and model from its workdir),
   # so `--mode=evaluate --config.sample.guidance_scale=...` compares samplers on one run.
   generate_into(pipe, suite, os.path.join(out, "images"), n=g.images_per_prompt, seed=config.sample.seed,

@@ -159,11 +159,15 @@ def write_config(workdir: str, config) -> None:
   """Writes `config.json` atomically: a temporary file, fsynced, then renamed over the old one."""
   path = os.path.join(workdir, CONFIG_NAME)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=list)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=list)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def set_aside_old_logs(workdir: str, report=print) -> str | None:
