@@ -195,7 +195,7 @@ def _logged(run):
 
 def test_signals_save_once_and_exit_0_and_a_second_sigint_exits_at_once(tmp_path):
   run, log = tmp_path / "run", tmp_path / "log.txt"
-  kw = dict(num_train_steps=10_000, checkpoint_every_steps=2)
+  kw = dict(num_train_steps=10_000, checkpoint_every_steps=2, keep_checkpoints=1000)
   # SIGINT while the first step compiles: no segfault, a save of step 1, exit 0
   proc = _start(run, log, **kw)
   _wait(proc, log, lambda: "train:" in log.read_text(), "the progress bar")
