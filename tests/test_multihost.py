@@ -110,8 +110,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_ex
   (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir()]  # one step, saved by both processes
   assert saved < steps and f"a stop request on another process at step {saved}: saving" in err0
   assert "SIGTERM: saving" in err1 and "SIGTERM" not in err0.replace("a stop request", "")
-  assert sorted(p.name for p in (run / "checkpoints" / str(saved) / "data_iter").iterdir()) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in (run / "checkpoints" / str(saved) /
+                                                                           "data_iter").iterdir()}
   assert max(read_losses(run)) == saved
   _launch_two_processes(run, steps, **cadence)  # resumes from the agreed step
   expected, got = read_losses(ref), read_losses(run)

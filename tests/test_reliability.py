@@ -193,7 +193,7 @@ def _logged(run):
   return max(read_losses(run)) if (run / "metrics.jsonl").exists() and read_losses(run) else 0
 
 
-def test_signals_save_once_and_exit_0_and_a_second_sigint_exits_at_once(tmp_path):
+def test_signals_save_once_and_exit_0_and_a_second_sigint_exits_at_once(tmp_path, capsys):
   run, log = tmp_path / "run", tmp_path / "log.txt"
   kw = dict(num_train_steps=10_000, checkpoint_every_steps=2, keep_checkpoints=1000)
   # SIGINT while the first step compiles: no segfault, a save of step 1, exit 0
@@ -223,12 +223,16 @@ def test_signals_save_once_and_exit_0_and_a_second_sigint_exits_at_once(tmp_path
     time.sleep(0.01)
   if proc.poll() is None:
     proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=60) in (-signal.SIGINT, 0), log2.read_text()[-3000:]
+  rc = proc.wait(timeout=60)
+  assert rc in (-signal.SIGINT, 0), log2.read_text()[-3000:]
   assert unchanged(before, hashes(run)) and "Traceback" not in log2.read_text()
-  # and the next start resumes from the newest complete checkpoint
+  # and the next start resumes from the newest complete checkpoint (taking over the killed run's lock)
   newest = checkpoint.saved_steps(run)[-1]
+  capsys.readouterr()
   loop.train(train_config(**dict(kw, num_train_steps=newest + 1)), str(run))
-  assert max(read_losses(run)) == newest + 1
+  err = capsys.readouterr().err
+  assert f"resumed from step {newest}" in err and ("taking over the stale lock" in err or rc == 0)
+  assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == newest + 1
 
 
 def test_preemption_ignores_repeated_sigterm_and_a_second_sigint_ends_the_process():
