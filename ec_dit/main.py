@@ -13,14 +13,22 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (CPU processes use the gloo collectives).
 """
 
+import difflib
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import distributed, inference, routing_maps, schema
+from ec_dit import checkpoint, distributed, inference, routing_maps, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
-from ec_dit.training import loop
+from ec_dit.training import loop, workdir as workdir_lib
+
+# Errors that carry a complete message for the user: printed as one line, exit code 1.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError, checkpoint.RestoreError,
+               checkpoint.SaveError)
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:VARIANT.",
                                 lock_config=True)
@@ -61,7 +69,38 @@ def _encoders_given(config):
   return e if (e.t5_path or e.vae_path) else None
 
 
+def unknown_override(argv) -> str | None:
+  """The one-line message for the first `--config.KEY=...` whose KEY is not in the schema, else None."""
+  known = schema.flatten(schema.base_config().to_dict())
+  sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key not in known and key not in sections:
+      close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.0)
+      return f"--config.{key}: unknown config key; closest known: {', '.join(close)}"
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown `--config.KEY` override as one line instead of a traceback."""
+  message = unknown_override(argv)
+  if message:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
+  try:
+    run(argv)
+  except USER_ERRORS as e:
+    sys.exit(f"error: {e}")
+
+
+def run(argv):
+  """Validates the config and dispatches on --mode."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
@@ -83,6 +122,9 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
+  if FLAGS.mode in ("evaluate", "sample", "routing_maps") and not os.path.isdir(FLAGS.workdir):
+    raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist: --mode={FLAGS.mode} needs a trained run "
+                            f"(train first with --mode=train)")
   if FLAGS.mode == "train_and_evaluate":
     loop.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
@@ -102,4 +144,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -10,9 +10,11 @@ equal losses.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -37,15 +39,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch_two_processes(workdir, num_train_steps):
+def _start_two_processes(workdir, num_train_steps, stderr=(subprocess.PIPE, subprocess.PIPE), **overrides):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps).items()]
-  procs = [subprocess.Popen(
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO))
+  flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps, **overrides).items()]
+  return [subprocess.Popen(
       [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'tests' / 'micro_config.py'}",
        f"--workdir={workdir}", "--mode=train", f"--coordinator_address=localhost:{port}",
        "--num_processes=2", f"--process_id={i}", *flags],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr[i], text=True) for i in range(2)]
+
+
+def _launch_two_processes(workdir, num_train_steps, **overrides):
+  procs = _start_two_processes(workdir, num_train_steps, **overrides)
   outputs = []
   for p in procs:
     try:
@@ -82,3 +89,31 @@ def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh
   expected, got = read_losses(single), read_losses(multi)
   assert sorted(got) == sorted(expected) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_exact(tmp_path):
+  """Item 9 of issue 16: each process catches its own signals; the loop agrees on stopping every step."""
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  steps, cadence = 30, {"checkpoint_every_steps": 1000}  # the only checkpoint is the one SIGTERM asks for
+  _launch_two_processes(ref, steps, **cadence)
+  logs = [open(tmp_path / f"p{i}.txt", "w+") for i in range(2)]
+  procs = _start_two_processes(run, steps, stderr=logs, **cadence)
+  deadline = time.time() + 300
+  while not ((run / "metrics.jsonl").exists() and read_losses(run) and max(read_losses(run)) >= 3):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "p0.txt").read_text()[-3000:]
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+  for i, p in enumerate(procs):
+    p.communicate(timeout=300)
+    assert p.returncode == 0, f"process {i}: " + (tmp_path / f"p{i}.txt").read_text()[-3000:]
+  err0, err1 = ((tmp_path / f"p{i}.txt").read_text() for i in range(2))
+  (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir()]  # one step, saved by both processes
+  assert saved < steps and f"a stop request on another process at step {saved}: saving" in err0
+  assert "SIGTERM: saving" in err1 and "SIGTERM" not in err0.replace("a stop request", "")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in (run / "checkpoints" / str(saved) /
+                                                                           "data_iter").iterdir()}
+  assert max(read_losses(run)) == saved
+  _launch_two_processes(run, steps, **cadence)  # resumes from the agreed step
+  expected, got = read_losses(ref), read_losses(run)
+  assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
+  assert [got[s] for s in range(1, steps + 1)] == [expected[s] for s in range(1, steps + 1)]  # bit for bit

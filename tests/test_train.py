@@ -20,9 +20,9 @@ RUNNER = pathlib.Path(__file__).with_name("train_runner.py")
 
 
 def _start(workdir, mode="train", **overrides):
-  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(pathlib.Path(__file__).parent)]))
   return subprocess.Popen([sys.executable, str(RUNNER), str(workdir), json.dumps(overrides), mode], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):

@@ -72,7 +72,9 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, 3] in [-1, 1],
-    "tokens": int32 [b, L], "mask": bool [b, L]}``; for a ``latents:`` source
+    "tokens": int32 [b, L], "mask": bool [b, L]}`` (plus ``"bad": int32 [b]``,
+    1 for a row whose example was bad and replaced, with
+    ``config.input.skip_bad_examples``); for a ``latents:`` source
     ``{"latent_mean", "latent_std": float32 [b, h, w, c] (scaled as the model
     sees latents), "features": float32 [b, L, d], "mask", "label"}``. Same config and seed give
     identical batches; its iterators support ``get_state`` / ``set_state`` and
@@ -96,7 +98,8 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
   source = sources.make_source(c)
   if len(source) == 0:
     raise ValueError(f"config.input.source: {c.source!r} has no examples")
-  ds = grain.MapDataset.source(source)
+  skip_source = source if c.skip_bad_examples else None
+  ds = grain.MapDataset.source(preprocess.Indexed(source) if skip_source is not None else source)
   if c.shuffle:
     ds = ds.shuffle(seed=seed)  # index >= len reshuffles with seed + epoch
   ds = ds.repeat(num_epochs)
@@ -106,7 +109,7 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
     ds = ds.map(latents.DecodeLatents(context_len or manifest["context_len"], manifest["scaling_factor"],
                                       manifest["shift_factor"]))
   else:
-    ds = ds.map(preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key))
+    ds = ds.map(preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key, source=skip_source))
   ds = ds.batch(local_batch, drop_remainder=True)  # chunks of the global stream
   if num_epochs is not None:
     usable = (len(ds) // process_count) * process_count

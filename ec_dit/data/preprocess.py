@@ -1,8 +1,16 @@
-"""Per-example preprocessing: decode, RGB, centre crop, resize, scale to [-1, 1], tokenize."""
+"""Per-example preprocessing: decode, RGB, centre crop, resize, scale to [-1, 1], tokenize.
+
+An example that cannot be used (an image that does not decode, a zero-byte
+file, a caption file that is not UTF-8) raises `BadExampleError` naming the
+file and what to do. With `config.input.skip_bad_examples` the pipeline passes
+the unshuffled source in, and a bad example is replaced by the next good one in
+source order, its batch row flagged in `"bad"` (the loop counts them).
+"""
 from __future__ import annotations
 
 import io
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import grain
@@ -70,25 +78,93 @@ def load_image(image: Any, size: int) -> np.ndarray:
   return np.asarray(center_crop_resize(pil, size), np.uint8)
 
 
+class BadExampleError(ValueError):
+  """An example that cannot be decoded; the message names its file (or index) and what to do."""
+
+
+class UnreadableCaption:
+  """Stands for a caption that could not be read (a source keeps it so the example is skipped when drawn)."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+  def __repr__(self) -> str:
+    return f"UnreadableCaption({self.reason!r})"
+
+
+INDEX_KEY = "__source_index__"  # added to each example in skip mode (`Indexed`)
+MAX_SKIP = 1000  # consecutive bad examples tried before giving up
+
+
+class Indexed:
+  """A random-access source whose examples carry their index (for skip mode)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    return {**self.source[int(index)], INDEX_KEY: int(index)}
+
+
+def _what_to_do(skip: bool) -> str:
+  return ("" if skip else " Delete or replace it, or set config.input.skip_bad_examples=True to skip bad examples "
+          "(each is replaced by the next good one and counted in metrics.jsonl).")
+
+
 class Preprocess(grain.transforms.Map):
-  """Example -> ``{"image": float32 [H, W, 3] in [-1, 1], "tokens": int32 [L], "mask": bool [L]}``."""
+  """Example -> ``{"image": float32 [H, W, 3] in [-1, 1], "tokens": int32 [L], "mask": bool [L]}``.
+
+  With `source` (skip mode), the example must come from `Indexed(source)`: a bad
+  one is replaced by the next good example of `source` and the output gains
+  ``"bad": int32`` (1 for a replaced example).
+  """
 
   def __init__(self, image_size: int, tokenize: Tokenize, image_key: str = "image",
-               caption_key: str = "caption"):
+               caption_key: str = "caption", source=None):
     self.image_size, self.tokenize = int(image_size), tokenize
     self.image_key, self.caption_key = image_key, caption_key
+    self.source = source
 
   def map(self, example: Mapping[str, Any]) -> dict:
+    if self.source is None:
+      return self._decode(example, skip=False)
+    index = example[INDEX_KEY]
+    for k in range(MAX_SKIP):
+      try:
+        out = self._decode(example, skip=True)
+        return {**out, "bad": np.int32(k > 0)}
+      except BadExampleError as e:
+        print(f"skipping a bad example: {e}", file=sys.stderr, flush=True)
+        example = self.source[(index + k + 1) % len(self.source)]
+    raise BadExampleError(f"config.input.source: {MAX_SKIP} bad examples in a row from index {index}: "
+                          f"is the source readable at all?")
+
+  def _decode(self, example: Mapping[str, Any], skip: bool) -> dict:
     for key in (self.image_key, self.caption_key):
       if key not in example:
         field = "image_key" if key == self.image_key else "caption_key"
         raise KeyError(f"config.input.{field}: example has no feature {key!r}; it has {sorted(example)}")
-    image = load_image(example[self.image_key], self.image_size)
+    raw = example[self.image_key]
+    name = f"image {raw}" if isinstance(raw, (str, os.PathLike)) else f"the image of example {example.get(INDEX_KEY, '?')}"
     caption = example[self.caption_key]
+    if isinstance(caption, UnreadableCaption):
+      raise BadExampleError(f"config.input.source: {caption.reason}.{_what_to_do(skip)}")
+    try:
+      image = load_image(raw, self.image_size)
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a corrupt file
+      raise BadExampleError(f"config.input.source: cannot decode {name} ({type(e).__name__}: {e})."
+                            f"{_what_to_do(skip)}") from None
     if isinstance(caption, np.ndarray) and caption.ndim == 0:
       caption = caption.item()
     if isinstance(caption, (bytes, np.bytes_)):
-      caption = bytes(caption).decode("utf-8")
+      try:
+        caption = bytes(caption).decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise BadExampleError(f"config.input.source: the caption of {name} is not UTF-8 ({e})."
+                              f"{_what_to_do(skip)}") from None
     tokens, mask = self.tokenize(str(caption))
     return {
         "image": image.astype(np.float32) / np.float32(127.5) - np.float32(1.0),

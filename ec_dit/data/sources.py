@@ -30,6 +30,7 @@ from typing import Sequence
 
 from ec_dit import schema
 from ec_dit.data import latents
+from ec_dit.data.preprocess import UnreadableCaption
 from ec_dit.data.shapes_world import ShapesWorldSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -122,8 +123,13 @@ def class_folder_source(folder: pathlib.Path) -> ImageCaptionFiles:
 def _read_jsonl(path: pathlib.Path, base: pathlib.Path, image_keys: Sequence[str],
                 caption_keys: Sequence[str]) -> list[tuple[str, str]]:
   pairs = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"config.input.source: {path}:{n}: not UTF-8 ({e}); re-encode the file as UTF-8 "
+                         f"(e.g. iconv -f latin1 -t utf-8)") from None
       if not line.strip():
         continue
       try:
@@ -158,7 +164,15 @@ def _folder_pairs(folder: pathlib.Path, c) -> list[tuple[str, str]]:
     if not txt.is_file():
       raise ValueError(f"config.input.source: image {img} has no caption file {txt.name} beside it "
                        f"(and the folder has no {' / '.join(FOLDER_CAPTION_FILES)})")
-    pairs.append((str(img), txt.read_text(encoding="utf-8").strip()))
+    try:
+      caption = txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+      reason = f"caption file {txt} is not UTF-8 ({e})"
+      if not c.skip_bad_examples:
+        raise ValueError(f"config.input.source: {reason}; re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), "
+                         f"or set config.input.skip_bad_examples=True to skip bad examples") from None
+      caption = UnreadableCaption(reason)
+    pairs.append((str(img), caption))
   if not pairs:
     raise ValueError(f"config.input.source: folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
   return pairs

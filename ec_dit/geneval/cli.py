@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ec_dit.geneval import generate, harness, layout, prompts as prompts_lib, scores as scores_lib
@@ -25,11 +26,7 @@ def _cmd_validate(a) -> int:
   if a.images:
     problems = layout.check_folder(a.images, ps, a.n)
     if problems:
-      print(f"{a.images}: INCOMPLETE, {len(problems)} problem(s):")
-      for p in problems[:50]:
-        print(f"  {p}")
-      if len(problems) > 50:
-        print(f"  ... and {len(problems) - 50} more")
+      _print_problems(a.images, problems)
       return 1
     print(f"{a.images}: complete ({len(ps)} prompts x {a.n} samples)")
   return 0
@@ -42,14 +39,59 @@ def _cmd_render(a) -> int:
   return 0
 
 
+def _print_problems(folder: str, problems: list[str]) -> None:
+  print(f"{folder}: INCOMPLETE, {len(problems)} problem(s):")
+  for p in problems[:50]:
+    print(f"  {p}")
+  if len(problems) > 50:
+    print(f"  ... and {len(problems) - 50} more")
+
+
+def _expected(a) -> tuple[list, int]:
+  """(prompts the folder should hold, samples per prompt): from --prompts, else from the folder itself."""
+  if a.prompts:
+    return prompts_lib.load_prompts(a.prompts), a.n or 4
+  found, most = layout.folder_prompts(a.images)
+  return [p if p is not None else {"prompt": "unknown: no readable metadata.jsonl"} for p in found], a.n or most
+
+
+def _missing_rows(root: str, ps: list, n: int) -> list[dict]:
+  """An incorrect row for every expected sample that is not there (--allow-incomplete)."""
+  rows = []
+  for i, p in enumerate(ps):
+    for j in range(n):
+      path = os.path.join(layout.prompt_dir(root, i), "samples", f"{j:04d}.png")
+      if os.path.isfile(path):
+        continue
+      if "tag" not in p:
+        raise ValueError(f"{layout.prompt_dir(root, i)}: its prompt is unknown (no metadata.jsonl), so its missing "
+                         f"images cannot be counted: pass --prompts")
+      rows.append(harness.result_row(path, p, False, "missing image", {}))
+  return rows
+
+
 def _cmd_evaluate(a) -> int:
-  rows = harness.evaluate_images(a.images, a.out, detector=a.detector, progress=not a.quiet,
+  ps, n = _expected(a)
+  problems = layout.check_folder(a.images, ps, n)
+  if problems and not a.allow_incomplete:
+    _print_problems(a.images, problems)
+    print("not evaluated: an incomplete folder would score only the images present. Complete it, or pass "
+          "--allow-incomplete to count each missing image as incorrect.")
+    return 1
+  rows = harness.evaluate_images(a.images, None, detector=a.detector, progress=not a.quiet,
                                  threshold=a.threshold, counting_threshold=a.counting_threshold,
                                  max_objects=a.max_objects, margin=a.position_threshold)
+  missing = _missing_rows(a.images, ps, n) if a.allow_incomplete else []
+  rows += missing
   if not rows:
     print(f"no samples found under {a.images}", file=sys.stderr)
     return 1
-  print(f"evaluated {len(rows)} images; wrote {a.out}")
+  harness.write_results(rows, a.out)
+  print(f"evaluated {len(rows) - len(missing)} images; wrote {a.out}")
+  if a.allow_incomplete:
+    expected = len(ps) * n
+    print(f"coverage: {expected - len(missing)}/{expected} images ({(expected - len(missing)) / max(expected, 1):.1%}); "
+          f"{len(missing)} missing image(s) counted as incorrect")
   print(scores_lib.format_summary(scores_lib.summarize(rows)))
   return 0
 
@@ -112,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser("evaluate", help="score an image folder with GenEval's rules")
   s.add_argument("--images", required=True, help="image folder in GenEval's layout")
   s.add_argument("--out", default="results.jsonl", help="results file (default results.jsonl)")
+  s.add_argument("--prompts", help="prompt .jsonl file the folder should hold (default: the folder's metadata)")
+  s.add_argument("--n", type=int, default=None,
+                 help="samples expected per prompt (default: 4 with --prompts, else the most any prompt has)")
+  s.add_argument("--allow-incomplete", action="store_true",
+                 help="score an incomplete folder, counting each missing image as incorrect (prints the coverage)")
   s.add_argument("--detector", default="shapes", help="object detector (default: shapes)")
   s.add_argument("--threshold", type=float, default=0.3, help="confidence threshold (default 0.3)")
   s.add_argument("--counting-threshold", type=float, default=0.9, help="threshold for counting (default 0.9)")

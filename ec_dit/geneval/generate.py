@@ -33,7 +33,7 @@ def evaluate_run(config, workdir: str, *, encoders_config=None) -> dict[str, Any
   g = config.geneval
   out = os.path.join(workdir, "geneval")
   suite = prompts_lib.suite_from_config(g)
-  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size, encoders_config=encoders_config)
+  pipe = TextToImagePipeline.from_run(workdir, batch_size=g.batch_size, encoders_config=encoders_config)  # fails first on a missing run: writes nothing
   os.makedirs(out, exist_ok=True)
   prompts_lib.write_prompts(suite, os.path.join(out, "prompts.jsonl"))
   # The sampler settings come from the config given now (the run's weights and model from its workdir),

@@ -18,7 +18,7 @@ import numpy as np
 
 from ec_dit.images import load_image, make_grid, save_png
 
-__all__ = ["check_folder", "iter_prompt_folders", "load_image", "make_grid", "prompt_dir", "read_metadata",
+__all__ = ["check_folder", "folder_prompts", "iter_prompt_folders", "load_image", "make_grid", "prompt_dir", "read_metadata",
            "sample_files", "save_png", "write_prompt_folder"]
 
 _SAMPLE = re.compile(r"^\d+\.png$")
@@ -102,3 +102,27 @@ def check_folder(root: str, prompts: Sequence[dict], n_samples: int = 4) -> list
   if extra:
     problems.append(f"{root}: {len(extra)} folder(s) beyond the {len(prompts)} prompts, e.g. {sorted(extra)[0]}")
   return problems
+
+
+def folder_prompts(root: str) -> tuple[list[dict | None], int]:
+  """What a folder says it holds, for checking it without a prompt file.
+
+  Returns (the metadata of prompt folders 0..max, None where a folder is
+  missing or has no readable metadata.jsonl; the largest sample count of any
+  prompt folder).
+  """
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder {root!r} does not exist")
+  subs = sorted(int(s) for s in os.listdir(root) if s.isdigit() and os.path.isdir(os.path.join(root, s)))
+  found: list[dict | None] = [None] * (subs[-1] + 1 if subs else 0)
+  n = 0
+  for i in subs:
+    folder = os.path.join(root, f"{i:05d}") if os.path.isdir(prompt_dir(root, i)) else None
+    if folder is None:
+      continue
+    n = max(n, len(sample_files(folder)))
+    try:
+      found[i] = read_metadata(folder)
+    except (OSError, ValueError):
+      found[i] = None
+  return found, n

@@ -8,9 +8,24 @@ from ec_dit.vocabulary import TASKS
 
 
 def read_results(path: str) -> list[dict]:
-  """Rows of a ``results.jsonl`` (ours or the official evaluator's)."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Rows of a ``results.jsonl`` (ours or the official evaluator's); a bad line raises ValueError naming
+  the file and line number."""
+  rows = []
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+        if not line.strip():
+          continue
+        row = json.loads(line)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+      missing = [k for k in ("tag", "correct", "metadata") if not isinstance(row, dict) or k not in row]
+      if missing:
+        raise ValueError(f"{path}:{n}: a result row needs the fields 'tag', 'correct' and 'metadata'; "
+                         f"missing {missing}")
+      rows.append(row)
+  return rows
 
 
 def summarize(rows: Sequence[dict] | str) -> dict:

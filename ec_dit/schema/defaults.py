@@ -153,6 +153,10 @@ def input_defaults() -> ml_collections.ConfigDict:
     tfds_data_dir: TFDS data dir ("" = TFDS's default).
     image_key / caption_key: feature names of the image and caption (TFDS,
       JSONL and folder `*.jsonl` records).
+    skip_bad_examples: False (default): an image that cannot be decoded or a
+      caption that is not UTF-8 stops the run naming the file. True: each such
+      example is replaced by the next good one in source order, counted in
+      metrics.jsonl (`input/bad_examples`) and reported.
   """
   return ml_collections.ConfigDict(dict(
       source="shapes_world",
@@ -167,6 +171,7 @@ def input_defaults() -> ml_collections.ConfigDict:
       tfds_data_dir="",
       image_key="image",
       caption_key="caption",
+      skip_bad_examples=False,
   ))
 
 

@@ -260,8 +260,9 @@ def validate_input(input_config) -> ml_collections.ConfigDict:
   if (isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks
       or any(t not in CAPTION_TASKS for t in tasks)):
     fail("input.shapes_world_tasks", f"a non-empty sequence of {CAPTION_TASKS}", tasks)
-  if not isinstance(c.shuffle, bool):
-    fail("input.shuffle", "True or False", c.shuffle)
+  for name in ("shuffle", "skip_bad_examples"):
+    if not isinstance(c[name], bool):
+      fail(f"input.{name}", "True or False", c[name])
   for name in ("worker_count", "read_threads"):
     _check_int(c, name, 0, p)
   if not is_int(c.prefetch_buffer_size) or c.prefetch_buffer_size < 1:

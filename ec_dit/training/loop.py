@@ -1,8 +1,9 @@
 """Training: `train(config, workdir)` and `train_and_evaluate(config, workdir)`.
 
-The loop reads top to bottom in lifecycle order: workdir and config, input,
-mesh, model and optimizer, checkpoint (resume), train step, loop (with
-sample grids and preemption), and, in `train_and_evaluate`, the final
+The loop reads top to bottom in lifecycle order: checks (config, workdir lock,
+config against the checkpoints'), input, mesh, model and optimizer, checkpoint
+(resume), and only then writes (config.json, metrics); then the train step and
+the loop (with sample grids, and SIGTERM / SIGINT agreed across processes), and, in `train_and_evaluate`, the final
 GenEval-style scoring. The training state is a pure pytree of arrays (see
 `ec_dit.training.state`), so a resumed run's losses equal an uninterrupted
 run's bit for bit.
@@ -10,9 +11,8 @@ run's bit for bit.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
+import sys
 import time
 from typing import Any
 
@@ -24,32 +24,8 @@ from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.model import abstract_params
-from ec_dit.training import metrics as metrics_lib, optimizers, state as state_lib, step as step_lib
-
-
-# ----------------------------------------------------------------------------
-# Preemption
-
-class Preemption:
-  """Turns SIGTERM (how TPU VMs are preempted) into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+from ec_dit.training import (metrics as metrics_lib, optimizers, preemption as preemption_lib, state as state_lib,
+                             step as step_lib, workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
@@ -91,21 +67,74 @@ def _tokenize(config):
   return tokenizer_lib.tokenizer_from_config(config).encode
 
 
+def _reporter(enabled: bool):
+  def report(text: str):
+    if enabled:
+      print(text, file=sys.stderr, flush=True)
+  return report
+
+
+def _lock(workdir: str, is_main: bool, report):
+  """Process 0 takes the workdir's lock; every process learns whether it got it."""
+  lock, error = None, None
+  if is_main:
+    try:
+      lock = workdir_lib.Lock(workdir, report)
+    except workdir_lib.WorkdirError as e:
+      error = e
+  failed, _ = preemption_lib.agree(error is not None)
+  if error is not None:
+    raise error
+  if failed:
+    raise workdir_lib.WorkdirError(f"process 0 could not lock {workdir} (see its log)")
+  return lock
+
+
+def _save(manager, workdir, step, state, ema, data_iter, pending, *, force=False) -> int:
+  """Starts an async save of `step`; a failure (also of the previous, `pending` save) is one SaveError."""
+  try:
+    checkpoint.save(manager, step, state, ema, data_iter, force=force)
+  except Exception as e:  # noqa: BLE001 - surfaced as one message
+    failed = pending if pending is not None and pending not in checkpoint.saved_steps(workdir) else step
+    raise checkpoint.save_error(workdir, failed, e) from None
+  return step
+
+
+def _finish_saves(manager, workdir, pending) -> None:
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise checkpoint.save_error(workdir, pending, e) from None
+
+
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics.
 
-  After a SIGTERM the returned dict also holds `"preempted": True` (the run saved a
-  checkpoint at the current step and stopped early).
+  Before anything is written: the config is validated, the workdir locked
+  (`ec_dit.training.workdir`), the config compared with the one the workdir's
+  checkpoints were saved with, the input and model built and the latest good
+  checkpoint restored (if checkpoints exist and none restores, the run stops).
+  After a SIGTERM or SIGINT the returned dict also holds `"preempted": True`
+  (the run saved a checkpoint at the current step and stopped early).
   """
-  # -- Workdir and config --------------------------------------------------
   schema.validate(config)
   sources.check_source(config.input)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=list)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  report = _reporter(is_main)
+  with preemption_lib.Preemption() as preemption:
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock(workdir, is_main, report)
+    try:
+      return _train(config, workdir, preemption, report)
+    finally:
+      if lock is not None:
+        lock.release()
+
+
+def _train(config, workdir, preemption, report) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
+  # -- Checks: the config against the checkpoints' ------------------------
+  workdir_lib.check_config(workdir, config, report)
 
   # -- Input ---------------------------------------------------------------
   dataset = data_pipeline.create_dataset(
@@ -121,57 +150,77 @@ def train(config, workdir: str) -> dict[str, Any]:
   graphdef, state, ema = state_lib.init_state(config, tx, mesh)
 
   # -- Checkpoint: resume from the latest good one (onto this mesh, whatever mesh saved it)
+  if is_main:
+    workdir_lib.remove_partial_checkpoints(workdir, report)
   manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest_good(manager, abstract_state, abstract_ema, data_iter, report=writer.message)
+  restored = checkpoint.restore_latest_good(manager, abstract_state, abstract_ema, data_iter, report=report)
   if restored is not None:
     start, state, ema, data_iter = restored
-    writer.message(f"resumed from step {start} in {checkpoint.checkpoint_dir(workdir)}")
+    report(f"resumed from step {start} in {checkpoint.checkpoint_dir(workdir)}")
+  elif is_main:
+    workdir_lib.set_aside_old_logs(workdir, report)
   start = int(state["step"])
 
-  # -- Step ----------------------------------------------------------------
+  # -- Every check passed: now write --------------------------------------
+  if is_main:
+    workdir_lib.write_config(workdir, config)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   train_step = step_lib.make_train_step(config, graphdef, tx)
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
-  grid_pipe = None
+  grid_pipe, pending, bad_total = None, None, 0
+  skip_bad = config.input.skip_bad_examples
   progress = metrics_lib.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
-  with Preemption() as preemption:
-    for step in range(start + 1, config.num_train_steps + 1):
-      batch = data_pipeline.global_batch(next(data_iter), shardings["batch"])
-      state, ema, metrics = train_step(state, ema, batch)
-      loss = float(metrics["loss"])
-      if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN
-        manager.wait_until_finished()
-        progress.close()
-        what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
-        raise FloatingPointError(f"{what} at step {step}; stopping. The last checkpoint "
-                                 f"(step {manager.latest_step()}) is intact.")
-      progress.update(1)
-      steps_since += 1
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        now = time.time()
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        scalars["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
-        t_last, steps_since = now, 0
-        writer.write_scalars(step, scalars)
-        progress.set_postfix(loss=f"{loss:.4f}")
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-        checkpoint.save(manager, step, state, ema, data_iter)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main:
-        grid_pipe = grid_pipe or sample_grid_pipeline(config)
-        write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
-        routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
-      if preemption.requested:
-        writer.message(f"SIGTERM at step {step}: saving a checkpoint and exiting")
-        checkpoint.save(manager, step, state, ema, data_iter, force=True)
-        break
+  stop, _ = preemption_lib.agree(preemption.requested)  # a signal before the first step: nothing new to save
+  for step in range(start + 1, config.num_train_steps + 1):
+    if stop:
+      break
+    local = dict(next(data_iter))
+    bad = int(np.sum(local.pop("bad"))) if "bad" in local else 0
+    batch = data_pipeline.global_batch(local, shardings["batch"])
+    state, ema, metrics = train_step(state, ema, batch)
+    loss = float(metrics["loss"])
+    if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN
+      _finish_saves(manager, workdir, pending)
+      progress.close()
+      what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
+      raise FloatingPointError(f"{what} at step {step}; stopping. The last checkpoint "
+                               f"(step {manager.latest_step()}) is intact.")
+    stop, (bad,) = preemption_lib.agree(preemption.requested, bad)
+    bad_total += bad
+    progress.update(1)
+    steps_since += 1
+    if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      now = time.time()
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      scalars["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+      if skip_bad:
+        scalars["input/bad_examples"] = bad_total
+      t_last, steps_since = now, 0
+      writer.write_scalars(step, scalars)
+      progress.set_postfix(loss=f"{loss:.4f}")
+    if stop:
+      who = preemption.signal_name or "a stop request on another process"
+      report(f"{who} at step {step}: saving a checkpoint and exiting")
+      pending = _save(manager, workdir, step, state, ema, data_iter, pending, force=True)
+      break
+    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+      pending = _save(manager, workdir, step, state, ema, data_iter, pending)
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main:
+      grid_pipe = grid_pipe or sample_grid_pipeline(config)
+      write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
+      routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
   progress.close()
-  manager.wait_until_finished()
+  _finish_saves(manager, workdir, pending)
   manager.close()
   writer.close()
+  if bad_total:
+    report(f"skipped {bad_total} bad example(s) (config.input.skip_bad_examples=True), each replaced by the next "
+           f"good one; metrics.jsonl counts them as input/bad_examples")
   result: dict[str, Any] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if preemption.requested:
+  if stop:
     result["preempted"] = True
   return result
 

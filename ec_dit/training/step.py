@@ -84,13 +84,29 @@ def make_train_step(config, graphdef, tx, mesh=None):
 
 
 def check_batch_split(config, batch_sharding):
-  """With several processes each feeds its own rows, so the batch must be split across all of them."""
+  """Raises ValueError naming config.batch_size when the batch would not be split as the mesh asks.
+
+  The batch must divide over the `batch` rule's mesh axes that the config sizes
+  explicitly (e.g. `mesh.data=2`): otherwise the sharding would fall back to
+  copying the batch to those devices (`sharding.logical_to_spec`), silently
+  doing the same work twice. An axis left at -1 ("the rest of the devices")
+  splits the batch as far as it divides. With several processes, each feeds its
+  own rows, so the batch must also be split across all of them.
+  """
+  mesh = batch_sharding.mesh
+  rules = sharding.rules_dict(config.mesh.rules)
+  asked = [a for a in rules.get("batch", ()) if config.mesh[a] != -1 and mesh.shape[a] > 1]
+  wanted = int(np.prod([mesh.shape[a] for a in asked]))
+  if config.batch_size % wanted:
+    sizes = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in asked)
+    raise ValueError(f"config.batch_size: must be a multiple of {wanted} to be split over the batch axes ({sizes}), "
+                     f"got {config.batch_size}; otherwise every device of those axes would get the whole batch")
   if jax.process_count() == 1:
     return
   spec = batch_sharding.spec
   axes = () if not len(spec) or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else spec[0]
-  split = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+  split = int(np.prod([mesh.shape[a] for a in axes]))
   if split % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} cannot be split over the mesh's batch axes "
-                     f"{dict(batch_sharding.mesh.shape)} across {jax.process_count()} processes: make it a "
+                     f"{dict(mesh.shape)} across {jax.process_count()} processes: make it a "
                      f"multiple of the product of the batch axes")
