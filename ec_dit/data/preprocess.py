@@ -82,6 +82,15 @@ class BadExampleError(ValueError):
   """An example that cannot be decoded; the message names its file (or index) and what to do."""
 
 
+def caption_text(caption: Any) -> str:
+  """A caption feature (str, bytes, or a 0-d numpy array of either) as text; UnicodeDecodeError if not UTF-8."""
+  if isinstance(caption, np.ndarray) and caption.ndim == 0:
+    caption = caption.item()
+  if isinstance(caption, (bytes, np.bytes_)):
+    caption = bytes(caption).decode("utf-8")
+  return str(caption)
+
+
 class UnreadableCaption:
   """Stands for a caption that could not be read (a source keeps it so the example is skipped when drawn)."""
 
@@ -157,15 +166,12 @@ class Preprocess(grain.transforms.Map):
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a corrupt file
       raise BadExampleError(f"config.input.source: cannot decode {name} ({type(e).__name__}: {e})."
                             f"{_what_to_do(skip)}") from None
-    if isinstance(caption, np.ndarray) and caption.ndim == 0:
-      caption = caption.item()
-    if isinstance(caption, (bytes, np.bytes_)):
-      try:
-        caption = bytes(caption).decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise BadExampleError(f"config.input.source: the caption of {name} is not UTF-8 ({e})."
-                              f"{_what_to_do(skip)}") from None
-    tokens, mask = self.tokenize(str(caption))
+    try:
+      caption = caption_text(caption)
+    except UnicodeDecodeError as e:
+      raise BadExampleError(f"config.input.source: the caption of {name} is not UTF-8 ({e})."
+                            f"{_what_to_do(skip)}") from None
+    tokens, mask = self.tokenize(caption)
     return {
         "image": image.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
         "tokens": np.asarray(tokens, np.int32),

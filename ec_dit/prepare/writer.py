@@ -52,24 +52,23 @@ def read_example(source, index: int, *, image_size: int, min_image_size: int, im
   except Exception as e:  # noqa: BLE001 - a source that cannot produce the example: skip it
     return Example(index, "", -1, skipped=f"unreadable example: {type(e).__name__}: {e}")
   caption = raw.get(caption_key, "")
-  if isinstance(caption, np.ndarray) and caption.ndim == 0:
-    caption = caption.item()
-  if isinstance(caption, (bytes, np.bytes_)):
-    try:
-      caption = bytes(caption).decode("utf-8")
-    except UnicodeDecodeError as e:
-      return Example(index, "", -1, skipped=f"caption is not UTF-8 ({e})")
+  if isinstance(caption, preprocess.UnreadableCaption):
+    return Example(index, "", -1, skipped=caption.reason)
+  try:
+    caption = preprocess.caption_text(caption)
+  except UnicodeDecodeError as e:
+    return Example(index, "", -1, skipped=f"caption is not UTF-8 ({e})")
   label = int(raw.get(label_key, -1)) if np.ndim(raw.get(label_key, -1)) == 0 else -1
   where = raw[image_key] if isinstance(raw.get(image_key), str) else f"example {index}"
   try:
     size = preprocess.image_size_of(raw[image_key])
     if min(size) < min_image_size:
-      return Example(index, str(caption), label, skipped=f"image {where} is {size[0]}x{size[1]}, smaller than "
+      return Example(index, caption, label, skipped=f"image {where} is {size[0]}x{size[1]}, smaller than "
                                                         f"--min_image_size={min_image_size}")
     image = preprocess.load_image(raw[image_key], image_size)
   except Exception as e:  # noqa: BLE001 - corrupt, truncated or unreadable image: skip it, say why
-    return Example(index, str(caption), label, skipped=f"image {where} cannot be read: {type(e).__name__}: {e}")
-  return Example(index, str(caption), label, image=image)
+    return Example(index, caption, label, skipped=f"image {where} cannot be read: {type(e).__name__}: {e}")
+  return Example(index, caption, label, image=image)
 
 
 def shard_ranges(num_examples: int, per_shard: int) -> list[tuple[int, int]]:
