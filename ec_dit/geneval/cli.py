@@ -75,8 +75,8 @@ def _cmd_evaluate(a) -> int:
   problems = layout.check_folder(a.images, ps, n)
   if problems and not a.allow_incomplete:
     _print_problems(a.images, problems)
-    print(f"not evaluated: an incomplete folder would score only the images present. Complete it, or pass "
-          f"--allow-incomplete to count each missing image as incorrect.")
+    print("not evaluated: an incomplete folder would score only the images present. Complete it, or pass "
+          "--allow-incomplete to count each missing image as incorrect.")
     return 1
   rows = harness.evaluate_images(a.images, None, detector=a.detector, progress=not a.quiet,
                                  threshold=a.threshold, counting_threshold=a.counting_threshold,
