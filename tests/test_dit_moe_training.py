@@ -19,50 +19,17 @@ from ec_dit import checkpoint
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
 from ec_dit.data import latents, pipeline as data_pipeline
 from ec_dit.inference_class import sample_to_files
-from ec_dit.prepare import dataset
+from ec_dit.model import dit_moe
+from ec_dit.tools import compile_report, model_summary
 from ec_dit.training import loop
-from dit_moe_fixtures import CHECKPOINT, state_dict, tiny_config
-from helpers import REPO
-from latent_fixtures import write_image_folder, write_vae
-
-CLASSES = ("cat", "dog", "fox")
-
-
-def write_class_folder(root, per_class: int = 4):
-  """ImageNet-style: one subfolder per class (labels by sorted name: cat 0, dog 1, fox 2), no captions."""
-  for name in CLASSES:
-    write_image_folder(root / name, n=per_class, corrupt=(-1, -1), empty_caption=-1, size=16)
-    for txt in (root / name).glob("*.txt"):
-      txt.unlink()
-  return root
-
-
-def class_config(**fields):
-  """The fixtures' tiny DiT-MoE (8x8x4 latents of 16x16 images, 10 classes) set up to train 2 steps."""
-  config = tiny_config(fields.pop("kind", "token_choice"))
-  config.input.image_size, config.input.read_threads = 16, 0
-  config.encoders.batch_size = 8
-  config.batch_size, config.num_train_steps = 4, 2
-  config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps = 1, 2, 0
-  config.class_diffusion.num_sampling_steps = 3
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
+from dit_moe_fixtures import CHECKPOINT, class_config, prepare_class_latents, state_dict, tiny_config
+from helpers import REPO, load_config
+from test_dit_moe import REFERENCE_PARAMS
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """(prepared folder, vae folder): latents and labels of 12 images in 3 classes, no T5 features."""
-  root = tmp_path_factory.mktemp("dit_moe_latents")
-  vae = write_vae(root / "vae")
-  config = class_config(input__source=f"folder:{write_class_folder(root / 'images')}", encoders__vae_path=str(vae))
-  manifest = dataset.prepare_dataset(config, str(root / "prepared"), examples_per_shard=8)
-  assert manifest["num_examples"] == 12 and manifest["feature_dim"] == 0 and "t5" not in manifest["encoders"]
-  return root / "prepared", vae
+  return prepare_class_latents(tmp_path_factory.mktemp("dit_moe_latents"))
 
 
 def test_prepared_class_folder_yields_latents_and_labels(prepared):
@@ -125,3 +92,13 @@ def test_converted_run_continues_training_from_prepared_latents_then_samples(pre
 def test_class_conditional_run_needs_labelled_latents(tmp_path):
   with pytest.raises(ValueError, match="config.input.source: model.arch='dit_moe' trains on prepared latents"):
     loop.train(class_config(), str(tmp_path / "run"))
+
+
+def test_summary_counts_equal_the_reference_and_the_class_conditional_step_compiles():
+  config = load_config("dit_moe", "S-8E2A")
+  stats = model_summary.summarize(config.model)
+  assert stats["reference_params"] == REFERENCE_PARAMS["S-8E2A"][0] and stats["num_moe_layers"] == 12
+  assert stats["total_params"] == stats["reference_params"] - 256 * 384
+  config = class_config(batch_size=8, mesh__expert=8, model__ffn__num_experts=8)
+  report = compile_report.memory_report(config)
+  assert report["mesh"]["expert"] == 8 and report["num_params"] == dit_moe.count_params(config)
