@@ -18,9 +18,15 @@ are equal) and the same batches in the same order.
 
 Measured: the training loss (MSE, without the auxiliary loss) every step, and a held-out
 MSE every `--eval_every` steps on 128 fixed images with fixed t and noise (training-mode
-routing). Outputs: OUT/compare_routers_class_cond.{png,json,md}.
+routing). Each run's curves are written to OUT/runs/<kind>_s<seed>.json when it finishes (a run
+whose file exists is skipped, so runs can go in parallel processes, e.g. one per `--kinds`);
+then the figure and tables of all runs in OUT/runs: OUT/compare_routers_class_cond.{png,json,md}.
 
-  python experiments/compare_routers_class_cond.py --out docs --steps 250 --seeds 0 1 --eval_every 50
+  python experiments/compare_routers_class_cond.py --out docs --steps 200 --seeds 0 --eval_every 25
+  # or in two processes, then the figure:
+  python experiments/compare_routers_class_cond.py --out OUT --steps 200 --seeds 0 --kinds tc &
+  python experiments/compare_routers_class_cond.py --out OUT --steps 200 --seeds 0 --kinds ec; wait
+  python experiments/compare_routers_class_cond.py --out OUT --kinds --steps 200   # only the figure
 """
 
 from __future__ import annotations
@@ -151,12 +157,27 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   parser.add_argument("--eval_every", type=int, default=25)
   parser.add_argument("--data_seed", type=int, default=0)
+  parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS)
   args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  train_data = make_data(args.steps * BATCH, args.data_seed)
-  eval_data = make_data(NUM_EVAL, args.data_seed + 1_000_000)
-  results = [run(kind, seed, args.steps, args.eval_every, train_data, eval_data)
-             for seed in args.seeds for kind in KINDS]
+  runs_dir = os.path.join(args.out, "runs")
+  os.makedirs(runs_dir, exist_ok=True)
+  todo = [(k, s) for s in args.seeds for k in args.kinds
+          if not os.path.exists(os.path.join(runs_dir, f"{k}_s{s}.json"))]
+  if todo:
+    train_data = make_data(args.steps * BATCH, args.data_seed)
+    eval_data = make_data(NUM_EVAL, args.data_seed + 1_000_000)
+  for kind, seed in todo:
+    r = run(kind, seed, args.steps, args.eval_every, train_data, eval_data)
+    with open(os.path.join(runs_dir, f"{kind}_s{seed}.json"), "w") as f:
+      json.dump(r, f)
+  results = []
+  for name in sorted(os.listdir(runs_dir)):
+    with open(os.path.join(runs_dir, name)) as f:
+      results.append(json.load(f))
+  results = [r for r in results if len(r["train_mse"]) == args.steps]
+  results.sort(key=lambda r: (r["seed"], KINDS.index(r["kind"])))
+  if not results:
+    return 0
   stem = os.path.join(args.out, "compare_routers_class_cond")
   plot(results, stem + ".png")
   with open(stem + ".json", "w") as f:

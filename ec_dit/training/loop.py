@@ -169,7 +169,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   if is_main:
     workdir_lib.write_config(workdir, config)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  train_step = steps.make_train_step(config, graphdef, tx, mesh)
+  train_step = steps.make_train_step(config, graphdef, tx)
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
