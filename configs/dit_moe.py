@@ -61,6 +61,7 @@ def get_config(variant=None):
   else:
     c.sampler, c.num_sampling_steps, c.guidance_scale, c.guidance_channels = "euler", 50, 7.0, 0
 
+  config.input.image_size = 256  # prepared with the SD VAE: 32x32x4 latents (`python -m ec_dit.prepare`)
   config.batch_size = 256
   config.learning_rate = 1e-4
   config.warmup_steps = 0

@@ -84,6 +84,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, ema: Any, data_
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+def has_data_iter(directory: str, step: int) -> bool:
+  """True when the checkpoint of `step` in `directory` (a run's `checkpoints/`) holds a data iterator."""
+  return os.path.isdir(os.path.join(directory, str(step), "data_iter"))
+
+
 def _short(e: BaseException, limit: int = 300) -> str:
   text = " ".join(str(e).split())
   return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
@@ -94,6 +99,9 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
   """Restores the newest checkpoint that restores cleanly.
 
   Returns (step, state, ema, data_iter), or None when there is no checkpoint. A
+  checkpoint without a data iterator item (an imported one: `ec_dit.convert`
+  writes state and EMA only) restores its state and EMA, and `data_iter` is
+  returned as given (fresh), with a message through `report`. A
   checkpoint that fails (truncated, corrupted, wrong shapes) is reported through
   `report` and the previous one is tried; when all fail, raises `RestoreError`
   with each one's reason (the checkpoints are left as they are).
@@ -107,8 +115,11 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
       report(f"checkpoint at step {step} does not fit this config ({mismatch}); trying the previous one")
       continue
     items = dict(state=ocp.args.StandardRestore(abstract_state), ema=ocp.args.StandardRestore(abstract_ema))
-    if data_iter is not None:
+    if data_iter is not None and has_data_iter(str(manager.directory), step):
       items["data_iter"] = data_pipeline.iterator_restore_args(data_iter)
+    elif data_iter is not None:
+      report(f"checkpoint at step {step} holds no data iterator (an imported checkpoint, e.g. from "
+             f"python -m ec_dit.convert): restoring its state and EMA, the data starts from its beginning")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - any failure means "this checkpoint is not usable"

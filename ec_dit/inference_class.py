@@ -9,12 +9,17 @@
 Without a VAE the pipeline returns latents. With one (any object with
 `.decode(latents) -> images in [-1, 1], [B, H, W, 3]`), latents are divided by
 `latent_scale` (0.18215, the SD VAE's factor, as DiT's sample.py does) and decoded.
+
+`sample_to_files(workdir, [207], num_images=4)` is `python -m ec_dit.main --mode=sample
+--class_label=207`: PNGs decoded by the VAE of `config.encoders.vae_path` (which
+scales latents itself), or, without a VAE path, the latents as `.npy` files.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -23,7 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ec_dit import checkpoint, class_diffusion, inference
+from ec_dit import checkpoint, class_diffusion, images as images_lib, inference
+from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import dit_moe
 
 SD_VAE_SCALE = 0.18215
@@ -119,3 +125,37 @@ class ClassToImagePipeline:
       return latents
     images = np.asarray(self.vae.decode(jnp.asarray(latents) / self.latent_scale), np.float32)
     return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def sample_to_files(workdir: str, class_labels: Sequence[int], *, num_images: int = 4, seed: int = 0,
+                    encoders_config=None, report=None) -> list[str]:
+  """Samples `num_images` per class label from a run's EMA weights into `workdir/samples`; returns the paths.
+
+  PNGs (`class_<label>_<seed>_<j>.png`) when `config.encoders.vae_path` is set
+  (`encoders_config`, e.g. the command line's, replaces the run's `config.encoders`),
+  decoded by that VAE (the SD VAE for DiT-MoE's checkpoints); otherwise the latents
+  as `.npy` files, and `report` says so.
+  """
+  report = report or (lambda text: print(text, file=sys.stderr, flush=True))
+  labels = [int(y) for y in class_labels for _ in range(num_images)]
+  if not labels:
+    raise ValueError("--class_label: give at least one class label for a class-conditional run")
+  pipe = ClassToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(labels))))
+  latents = pipe.generate(labels, seed=seed)
+  enc = encoders_config if encoders_config is not None else pipe.config.encoders
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  names = [f"class_{y}_{seed}_{j % num_images}" for j, y in enumerate(labels)]
+  if not enc.vae_path:
+    report(f"config.encoders.vae_path is not set: wrote latents as .npy to {out_dir} (set "
+           f"--config.encoders.vae_path=VAE_FOLDER, e.g. the SD VAE, for PNGs)")
+    paths = [os.path.join(out_dir, n + ".npy") for n in names]
+    for path, z in zip(paths, latents):
+      np.save(path, z)
+    return paths
+  vae = FrozenEncoders.from_config(enc, context_len=pipe.config.model.context_len, need_t5=False)
+  images = vae.decode(latents)  # scaled latents -> uint8 (divides by the VAE's scaling_factor itself)
+  paths = [os.path.join(out_dir, n + ".png") for n in names]
+  for path, image in zip(paths, images):
+    images_lib.save_png(image, path)
+  return paths

@@ -4,6 +4,8 @@
   python -m ec_dit.main --config=configs/ec_dit_xl.py --mode=summary                 # params and FLOPs
   python -m ec_dit.main --config=configs/ec_dit_tiny.py --workdir=runs/tiny \\
       --mode=sample --prompt="a photo of two red circles" --num_images=4
+  python -m ec_dit.main --config=configs/dit_moe.py:S-8E2A --workdir=runs/dit_moe_s_8E2A \\
+      --mode=sample --class_label=207 --num_images=4                  # class-conditional (DiT-MoE)
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m ec_dit.main \\
       --config=configs/ec_dit_xl.py --mode=compile --config.mesh.expert=8  # per-device memory, no weights
 
@@ -20,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import checkpoint, distributed, inference, routing_maps, schema
+from ec_dit import checkpoint, distributed, inference, inference_class, routing_maps, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
@@ -36,7 +38,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_enum("mode", "train_and_evaluate",
                   ["train_and_evaluate", "train", "evaluate", "sample", "routing_maps", "summary", "compile"],
                   "train_and_evaluate: train, then score the GenEval-style prompt set; train: only train; "
-                  "evaluate: score the latest checkpoint; sample: write PNGs for --prompt; "
+                  "evaluate: score the latest checkpoint; sample: write PNGs for --prompt (for DiT-MoE: "
+                  "--class_label); "
                   "routing_maps: PNGs of where the experts go for --prompt (and expert specialisation per "
                   "ShapesWorld shape and colour) in WORKDIR/routing_maps; "
                   "summary: parameter and FLOP counts from shapes only; "
@@ -48,7 +51,9 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                   "--mode=compile only: parameter / optimizer-state dtype for the memory analysis.")
 flags.DEFINE_multi_string("prompt", [], "Prompt(s) for --mode=sample.")
-flags.DEFINE_integer("num_images", 4, "Images per prompt for --mode=sample.")
+flags.DEFINE_multi_integer("class_label", [], "Class label(s) for --mode=sample of a class-conditional "
+                           "(config.model.arch='dit_moe') run.")
+flags.DEFINE_integer("num_images", 4, "Images per prompt (or class label) for --mode=sample.")
 flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample and --mode=routing_maps.")
 flags.DEFINE_list("routing_steps", None, "--mode=routing_maps: denoising step indices to show "
                   "(default: 4 evenly spaced).")
@@ -131,6 +136,9 @@ def run(argv):
     loop.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     generate.evaluate_run(config, FLAGS.workdir, encoders_config=_encoders_given(config))
+  elif FLAGS.mode == "sample" and inference.load_run_config(FLAGS.workdir).model.arch == "dit_moe":
+    print("\n".join(inference_class.sample_to_files(FLAGS.workdir, FLAGS.class_label, num_images=FLAGS.num_images,
+                                                   seed=FLAGS.seed, encoders_config=_encoders_given(config))))
   elif FLAGS.mode == "sample":
     if not FLAGS.prompt:
       raise app.UsageError("--mode=sample needs at least one --prompt")

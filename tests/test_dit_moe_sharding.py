@@ -1,7 +1,9 @@
 """Class-conditional (DiT-MoE) training on 8 forced CPU devices with expert=8 equals one device's.
 
-Random in-memory latents and labels stand in for prepared latents (the reader of
-prepared latents with labels comes with the latent-path issue). As in
+Twice: with random in-memory latents and labels, and with a batch that comes through
+the real `latents:DIR` pipeline (a tiny folder prepared from class subfolders by
+`ec_dit.prepare`, read by `data.pipeline.create_dataset`, cut to the step's fields by
+`training.arch.train_batch`; the step draws the latents from their mean and std). As in
 test_sharding.py, one function per mesh returns the loss's gradients and a full
 train step, compiled at XLA's backend optimisation level 0.
 """
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 
 from ec_dit import sharding
-from ec_dit.training import class_cond, optimizers
-from dit_moe_fixtures import tiny_config
+from ec_dit.data import pipeline as data_pipeline
+from ec_dit.training import arch, class_cond, optimizers, step as step_lib
+from dit_moe_fixtures import prepare_class_latents, tiny_config
 
 MESHES = [(1, 1, 8, 1)]  # expert parallelism over all 8 devices (the batch too, by the `batch` rule)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -35,7 +38,8 @@ def _probe(config, mesh, host_state, host_ema, batch):
   def probe(state, ema, batch):
     with sharding.activation_sharding(mesh, config.mesh.rules):
       key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-      grads = jax.grad(lambda p: class_cond.loss_fn(config, graphdef, p, batch, key)[0])(state["params"])
+      inputs = {"image": step_lib.draw_latents(batch, key), "label": batch["label"]}
+      grads = jax.grad(lambda p: class_cond.loss_fn(config, graphdef, p, inputs, key)[0])(state["params"])
     return (grads,) + step(state, ema, batch)
 
   args = (jax.device_put(host_state, sh["state"]), jax.device_put(host_ema, sh["ema"]),
@@ -44,9 +48,34 @@ def _probe(config, mesh, host_state, host_ema, batch):
   return jax.device_get(compiled(*args))
 
 
+@pytest.fixture(scope="module")
+def prepared_batch(tmp_path_factory):
+  """The first batch of 8 of a tiny prepared folder with labels, as the training loop feeds the step."""
+  folder, _ = prepare_class_latents(tmp_path_factory.mktemp("dit_moe_sharding"))
+  config = _config("token_choice")
+  config.input.source, config.input.read_threads = f"latents:{folder}", 0
+  ds = data_pipeline.create_dataset(config.input, batch_size=8, tokenize=None, seed=0)
+  return arch.train_batch(config, dict(next(iter(ds))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
 def test_class_conditional_training_with_expert_parallelism_equals_one_device(kind):
+  _check_expert_parallel_equals_one_device(kind, lambda rng: {
+      "image": rng.standard_normal((8, 8, 8, 4)).astype(np.float32),
+      "label": rng.integers(0, 10, (8,)).astype(np.int32)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_training_from_prepared_latents_with_labels_with_expert_parallelism_equals_one_device(kind, prepared_batch):
+  assert set(prepared_batch) == {"latent_mean", "latent_std", "label"} and prepared_batch["label"].shape == (8,)
+  assert np.all(prepared_batch["label"] >= 0) and len(set(prepared_batch["label"].tolist())) > 1
+  _check_expert_parallel_equals_one_device(kind, lambda rng: prepared_batch)
+
+
+def _check_expert_parallel_equals_one_device(kind, make_batch):
+  """The existing assertions, for the batch `make_batch(rng)` (called after the parameters are perturbed)."""
   ref_config = _config(kind)
   tx = optimizers.make_optimizer(ref_config)
   one = sharding.make_mesh(ref_config.mesh, jax.devices()[:1])
@@ -56,8 +85,7 @@ def test_class_conditional_training_with_expert_parallelism_equals_one_device(ki
   params = treedef.unflatten([p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype) for p in leaves])
   host_state = {"step": np.zeros((), np.int32), "params": params, "opt_state": jax.device_get(tx.init(params))}
   host_ema = jax.tree.map(np.copy, params)
-  batch = {"image": rng.standard_normal((8, 8, 8, 4)).astype(np.float32),
-           "label": rng.integers(0, 10, (8,)).astype(np.int32)}
+  batch = make_batch(rng)
   ref_grads, ref_state, ref_ema, ref_metrics = _probe(ref_config, one, host_state, host_ema, batch)
   assert ref_metrics["grad_norm"] > 0 and ref_metrics["vb"] > 0
   assert (ref_metrics["aux_loss"] > 0) == (kind == "token_choice")  # the balance loss is token choice's

@@ -105,14 +105,19 @@ def latents_source(folder: str | os.PathLike) -> grain.sources.ArrayRecordDataSo
 
 
 def check_compatible(manifest: dict, model_config, prefix: str = "config.model") -> None:
-  """The prepared shapes must fit the model: latent size and channels, text width and length."""
+  """The prepared shapes must fit the model: latent size and channels, text width and length (the text
+  only for the text-to-image model; the class-conditional `arch = "dit_moe"` reads latents and labels)."""
   h, w, c = manifest["latent_shape"]
-  expected = {"input_size": h, "in_channels": c, "context_dim": manifest["feature_dim"]}
+  expected = {"input_size": h, "in_channels": c}
+  class_cond = model_config.get("arch", "ec_dit") == "dit_moe"
+  if not class_cond:
+    expected["context_dim"] = manifest["feature_dim"]
   for field, value in expected.items():
     if model_config[field] != value:
       raise ValueError(f"{prefix}.{field}: the prepared data (manifest.json) has {value}, the config "
-                       f"{model_config[field]}")
-  if manifest["context_len"] > model_config.context_len:
+                       f"{model_config[field]}" + (" (prepared without T5 features: prepare with a text-to-image "
+                                                     "config and config.encoders.t5_path)" if not value else ""))
+  if not class_cond and manifest["context_len"] > model_config.context_len:
     raise ValueError(f"{prefix}.context_len: the data was prepared with up to {manifest['context_len']} "
                      f"tokens, the model takes {model_config.context_len}")
 

@@ -25,6 +25,12 @@ def local_mesh() -> Mesh:
   return Mesh(np.asarray(jax.local_devices()).reshape(-1, 1, 1, 1), schema.MESH_AXES)
 
 
+def needs_text(config) -> bool:
+  """Whether prepare encodes captions with T5: not for a class-conditional config (`model.arch = "dit_moe"`),
+  whose records hold latents and labels only (empty features, `feature_dim` 0 in the manifest)."""
+  return config.model.arch != "dit_moe"
+
+
 def manifest_fields(config, encoders: FrozenEncoders, source: str) -> dict:
   """What the manifest records beside the counts: shapes, dtypes, scaling, encoders."""
   return {
@@ -32,7 +38,7 @@ def manifest_fields(config, encoders: FrozenEncoders, source: str) -> dict:
       "image_size": int(config.input.image_size),
       "latent_shape": list(encoders.latent_shape(config.input.image_size)),
       "latent_dtype": "bfloat16",
-      "feature_dim": encoders.feature_dim,
+      "feature_dim": encoders.feature_dim if encoders.t5 is not None else 0,
       "feature_dtype": "bfloat16",
       "context_len": int(config.model.context_len),
       "scaling_factor": encoders.info["vae"]["scaling_factor"],
@@ -47,7 +53,8 @@ def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_ima
 
   Every process (`jax.process_index()` of `jax.process_count()`) encodes its own
   shards on its local devices; process 0 writes the manifest once all are complete.
-  `min_image_size` defaults to a quarter of `config.input.image_size`.
+  `min_image_size` defaults to a quarter of `config.input.image_size`. A class-conditional
+  config (`needs_text`) needs no T5: only the VAE is loaded.
   """
   c = schema.validate_input(config.input)
   sources.check_source(c)
@@ -56,7 +63,7 @@ def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_ima
   min_size = c.image_size // 4 if min_image_size is None else min_image_size
   # -- Encoders (frozen), placed on this process's devices ------------------------
   encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len,
-                                                   mesh=local_mesh())
+                                                   need_t5=needs_text(config), mesh=local_mesh())
   fields = manifest_fields(config, encoders, c.source)  # also checks image_size against the VAE
   # -- Encode this process's shards ------------------------------------------------
   source = sources.make_source(c)

@@ -107,7 +107,11 @@ def encode_shard(examples: list[Example], encoders, batch_size: int) -> tuple[li
   for start in range(0, len(good), batch_size):
     chunk = good[start:start + batch_size]
     mean, std = encoders.latent_stats(np.stack([e.image for e in chunk]))
-    features, _, lengths, cut = encoders.text_features([e.caption for e in chunk])
+    if encoders.t5 is not None:
+      features, _, lengths, cut = encoders.text_features([e.caption for e in chunk])
+    else:  # class-conditional data: no text features (an empty array, text_len 0)
+      features = np.zeros((len(chunk), 0, 0), np.float32)
+      lengths, cut = np.zeros(len(chunk), np.int32), np.zeros(len(chunk), bool)
     truncated += int(cut.sum())
     for i, e in enumerate(chunk):
       n = int(lengths[i])

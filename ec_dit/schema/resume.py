@@ -5,11 +5,11 @@ start in the same workdir compares it with the new config field by field:
 
 * `RESUME_STATE_FIELDS` change what the saved state is or means: its shapes
   (model, text encoder, image size), its structure (the optimizer and Muon's
-  split of the parameters), the class-conditional objective, or the data stream
+  split of the parameters), the class-conditional objective and noise schedule, or the data stream
   and noise the saved step and iterator position refer to (seed, batch size, source). A difference stops the
   run before anything is written.
 * `RESUME_SAFE_FIELDS` only steer what happens next (steps, learning rate,
-  logging, checkpoint and eval cadence, sampling, GenEval, the frozen encoders'
+  logging, checkpoint and eval cadence, sampling (also the class-conditional sampler), GenEval, the frozen encoders'
   folders, the mesh: checkpoints restore onto any mesh, input threads). A difference is reported in one line.
 
 Every key of `base_config()` is under exactly one of the two (a test checks it),
@@ -23,7 +23,9 @@ from typing import Any
 from ec_dit.schema.defaults import base_config
 
 RESUME_STATE_FIELDS = (
-    "model", "text", "optimizer", "muon", "seed", "batch_size", "class_diffusion",
+    "model", "text", "optimizer", "muon", "seed", "batch_size",
+    "class_diffusion.objective", "class_diffusion.num_timesteps", "class_diffusion.beta_start",
+    "class_diffusion.beta_end",
     "input.image_size", "input.source", "input.num_examples", "input.data_seed", "input.shuffle",
     "input.shapes_world_tasks", "input.image_key", "input.caption_key",
 )
@@ -31,6 +33,8 @@ RESUME_SAFE_FIELDS = (
     "num_train_steps", "learning_rate", "warmup_steps", "weight_decay", "adam_b1", "adam_b2", "grad_clip_norm",
     "ema_decay", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_steps",
     "diffusion", "sample", "geneval", "mesh", "encoders",
+    "class_diffusion.sampler", "class_diffusion.num_sampling_steps", "class_diffusion.guidance_scale",
+    "class_diffusion.guidance_channels", "class_diffusion.class_labels",
     "input.worker_count", "input.read_threads", "input.prefetch_buffer_size", "input.tfds_data_dir",
     "input.skip_bad_examples",
 )
@@ -87,8 +91,18 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   return out
 
 
-def split_differences(differences):
-  """(state-changing differences, safe differences); unclassified fields count as state-changing."""
-  safe = [d for d in differences if is_safe_field(d[0]) and not is_state_field(d[0])]
+# State fields that only name the data stream and noise a saved step and iterator position refer to: a
+# checkpoint without a data iterator (an imported one, `python -m ec_dit.convert`) may change them.
+DATA_STREAM_FIELDS = ("seed", "batch_size", "input")
+
+
+def split_differences(differences, *, data_stream_saved: bool = True):
+  """(state-changing differences, safe differences); unclassified fields count as state-changing.
+
+  With `data_stream_saved=False` (the checkpoints hold no data iterator) the
+  `DATA_STREAM_FIELDS` are safe: the weights do not refer to a position in any data.
+  """
+  free = () if data_stream_saved else DATA_STREAM_FIELDS
+  safe = [d for d in differences if (is_safe_field(d[0]) and not is_state_field(d[0])) or _under(d[0], free)]
   state = [d for d in differences if d not in safe]
   return state, safe

@@ -163,7 +163,8 @@ def validate_training(config) -> None:
   if config.text.encoder == "t5" and parse_source(config.input.source)[0] != "latents":
     fail("input.source", "'latents:DIR' with text.encoder='t5' (the model reads prepared T5 features; "
          "see the " + PREPARE_README + ")", config.input.source)
-  if config.text.encoder == "trainable" and parse_source(config.input.source)[0] == "latents":
+  if (config.text.encoder == "trainable" and parse_source(config.input.source)[0] == "latents"
+      and config.model.arch != "dit_moe"):  # the class-conditional DiT-MoE reads latents and labels, no text
     fail("text.encoder", "'t5' for a 'latents:DIR' source (its examples hold T5 features, not captions)",
          config.text.encoder)
   e = config.encoders

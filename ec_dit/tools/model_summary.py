@@ -8,6 +8,10 @@ activations, softmax and routing bookkeeping are negligible at these sizes),
 for one forward pass of one denoising step of one image. An expert-choice
 layer processes E * C = tokens * capacity_factor token-expert pairs; a
 token-choice layer tokens * k, plus its shared experts.
+
+For DiT-MoE (`config.model.arch = "dit_moe"`) the counts are of its class-conditional
+network; `reference_params` adds the fixed sin-cos `pos_embed` that DiT-MoE's PyTorch
+model stores as a parameter (here computed), so it equals DiT-MoE's own count.
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ from typing import Any
 from flax import nnx
 
 from ec_dit import schema
-from ec_dit.model import abstract_model, dit
+from ec_dit.model import abstract_model, dit, dit_moe, is_class_cond
 
 
-def abstract_dit(model_config) -> dit.DiT:
-  """The DiT of `model_config` with ShapeDtypeStructs in place of arrays (no memory allocated)."""
+def _config_of(model_config):
   config = schema.base_config()
   config.model = model_config
-  return abstract_model(config).dit
+  return config
+
+
+def abstract_dit(model_config) -> dit.DiT | dit_moe.DiTMoE:
+  """The diffusion network of `model_config` with ShapeDtypeStructs in place of arrays (no memory allocated):
+  the text-to-image model's DiT, or the DiT-MoE network for `arch = "dit_moe"`."""
+  config = _config_of(model_config)
+  return abstract_model(config) if is_class_cond(config) else abstract_model(config).dit
 
 
 def _path_str(path) -> str:
@@ -47,8 +57,24 @@ def _ffn_pairs_per_token(f) -> float:
   return f.eval_capacity_factor if f.kind == "expert_choice" else float(f.top_k)
 
 
+def class_cond_flops_per_image(m) -> int:
+  """Forward FLOPs of one denoising step of the DiT-MoE network for one image (no guidance)."""
+  d, f = m.hidden_size, m.ffn
+  n = (m.input_size // m.patch_size) ** 2
+  patch_dim = m.patch_size ** 2 * m.in_channels
+  swiglu = lambda width: 2 * 3 * d * width  # noqa: E731 - per token: gate, up, down
+  per_block = (2 * d * 6 * d + 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
+               + 2 * n * d * f.num_experts + n * _ffn_pairs_per_token(f) * swiglu(int(m.mlp_ratio * d))
+               + n * swiglu(f.num_shared_experts * d))
+  out_channels = m.in_channels * (2 if m.class_cond.learn_sigma else 1)
+  total = 2 * n * patch_dim * d + 2 * (256 * d + d * d) + m.depth * per_block
+  return int(total + 2 * d * 2 * d + 2 * n * d * m.patch_size ** 2 * out_channels)
+
+
 def flops_per_image(m) -> int:
   """Forward FLOPs of one denoising step for one image (see module docstring)."""
+  if m.get("arch", "ec_dit") == "dit_moe":
+    return class_cond_flops_per_image(m)
   d, f = m.hidden_size, m.ffn
   n = (m.input_size // m.patch_size) ** 2
   length = m.context_len
@@ -83,14 +109,21 @@ def summarize(model_config) -> dict[str, Any]:
   rows = param_table(model)
   total = sum(math.prod(shape) for _, shape, _ in rows)
   expert = sum(math.prod(shape) for path, shape, _ in rows if "/experts/" in path)
-  moe_layers = sum(dit.is_moe_layer(i, model_config.ffn) for i in range(model_config.depth))
+  class_cond = is_class_cond(_config_of(model_config))
+  moe_layers = model_config.depth if class_cond else sum(
+      dit.is_moe_layer(i, model_config.ffn) for i in range(model_config.depth))
   f = model_config.ffn
   if f.kind == "dense" or moe_layers == 0:
     activated = total
   else:
     one_expert_all_layers = expert / f.num_experts
     activated = total - expert + _ffn_pairs_per_token(f) * one_expert_all_layers
+  extra = {}
+  if class_cond:
+    extra["reference_params"] = int(total + model_config.hidden_size * (
+        model_config.input_size // model_config.patch_size) ** 2)
   return {
+      **extra,
       "total_params": int(total),
       "expert_params": int(expert),
       "num_moe_layers": int(moe_layers),
@@ -124,7 +157,8 @@ def format_table(model_config, stats: dict[str, Any]) -> str:
   lines = [f"{'component':<{width}}{'params':>12}", "-" * (width + 12)]
   lines += [f"{k:<{width}}{_human(v):>12}" for k, v in sorted(groups.items())]
   lines.append("-" * (width + 12))
-  for key in ("total_params", "expert_params", "activated_params_per_token", "flops_per_image"):
+  keys = ("total_params", "expert_params", "activated_params_per_token", "flops_per_image")
+  for key in (("reference_params",) if "reference_params" in stats else ()) + keys:
     lines.append(f"{key:<{width}}{_human(stats[key]):>12}")
   lines.append(f"{'num_moe_layers':<{width}}{stats['num_moe_layers']:>12}")
   return "\n".join(lines)

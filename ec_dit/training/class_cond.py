@@ -6,7 +6,9 @@ class-conditional network (`ec_dit.model.dit_moe`) and its losses
 pytree {"step", "params", "opt_state"} plus the EMA weights; shardings come from
 the parameters' logical axes and `config.mesh.rules`; the batch is split over
 the `batch` rule's mesh axes; state and EMA are donated. A batch is
-{"image": [B, H, W, C] float32 latents, "label": [B] int32}.
+{"image": [B, H, W, C] float32 latents, "label": [B] int32}, or, from prepared latents
+(`config.input.source = "latents:DIR"`), {"latent_mean", "latent_std", "label"}: the step
+then draws the latents as the text-to-image step does (`step.draw_latents`).
 
     tx = optimizers.make_optimizer(config)
     graphdef, state, ema = init_state(config, tx, mesh)
@@ -81,8 +83,9 @@ def make_train_step(config, graphdef, tx, mesh: Mesh | None = None):
   def train_step(state, ema, batch):
     with sharding.activation_sharding(mesh, config.mesh.rules):
       key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+      inputs = {"image": step_lib.draw_latents(batch, key), "label": batch["label"]}
       (loss, aux), grads = jax.value_and_grad(
-          lambda p: loss_fn(config, graphdef, p, batch, key), has_aux=True)(state["params"])
+          lambda p: loss_fn(config, graphdef, p, inputs, key), has_aux=True)(state["params"])
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       decay = state_lib.ema_decay(config, state["step"])

@@ -23,9 +23,9 @@ from ec_dit import checkpoint, images as images_lib, routing_maps, schema, shard
 from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
-from ec_dit.model import abstract_params
-from ec_dit.training import (metrics as metrics_lib, optimizers, preemption as preemption_lib, state as state_lib,
-                             step as step_lib, workdir as workdir_lib)
+from ec_dit.model import abstract_params, is_class_cond
+from ec_dit.training import (arch, metrics as metrics_lib, optimizers, preemption as preemption_lib, step as step_lib,
+                             workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
@@ -59,7 +59,10 @@ def write_sample_grid(config, pipe, ema, workdir: str, step: int, writer) -> str
 
 def _tokenize(config):
   """The trainable encoder's tokenizer; None for prepared latents, whose examples hold T5 features
-  (their shapes are checked against the model here, before anything is built)."""
+  (their shapes are checked against the model here, before anything is built). A class-conditional
+  run (DiT-MoE) reads prepared latents with labels only."""
+  if is_class_cond(config):
+    arch.check_class_cond_source(config)
   kind, folder = schema.parse_source(config.input.source)
   if kind == "latents":
     latents.check_compatible(latents.read_manifest(folder), config.model)
@@ -145,9 +148,10 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   # -- Mesh, model and optimizer (sharded, abstract first) ----------------
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizers.make_optimizer(config)
-  _, abstract_state, abstract_ema, shardings = state_lib.train_state_shardings(config, tx, mesh)
+  steps = arch.steps_for(config)  # text-to-image or class-conditional (config.model.arch)
+  _, abstract_state, abstract_ema, shardings = steps.train_state_shardings(config, tx, mesh)
   step_lib.check_batch_split(config, shardings["batch"])
-  graphdef, state, ema = state_lib.init_state(config, tx, mesh)
+  graphdef, state, ema = steps.init_state(config, tx, mesh)
 
   # -- Checkpoint: resume from the latest good one (onto this mesh, whatever mesh saved it)
   if is_main:
@@ -165,7 +169,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   if is_main:
     workdir_lib.write_config(workdir, config)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  train_step = step_lib.make_train_step(config, graphdef, tx)
+  train_step = steps.make_train_step(config, graphdef, tx)
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
@@ -179,7 +183,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       break
     local = dict(next(data_iter))
     bad = int(np.sum(local.pop("bad"))) if "bad" in local else 0
-    batch = data_pipeline.global_batch(local, shardings["batch"])
+    batch = data_pipeline.global_batch(arch.train_batch(config, local), shardings["batch"])
     state, ema, metrics = train_step(state, ema, batch)
     loss = float(metrics["loss"])
     if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN
@@ -208,7 +212,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       break
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       pending = _save(manager, workdir, step, state, ema, data_iter, pending)
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main:
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main and not is_class_cond(config):
       grid_pipe = grid_pipe or sample_grid_pipeline(config)
       write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
       routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
@@ -226,7 +230,8 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains, then generates the GenEval-style prompt set and prints the score table.
+  """Trains, then generates the GenEval-style prompt set and prints the score table (text-to-image runs;
+  a class-conditional run only trains: GenEval scores prompts, and says so).
 
   A preempted run (SIGTERM) exits after its checkpoint instead: scoring a half-trained
   model would take minutes the VM does not have and print a score for the wrong run.
@@ -234,5 +239,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   result = train(config, workdir)
   if result.get("preempted"):
+    return result
+  if is_class_cond(config):
+    print(f"no GenEval for class-conditional runs (config.model.arch='dit_moe'): sample with python -m "
+          f"ec_dit.main --mode=sample --workdir={workdir} --class_label=N", file=sys.stderr, flush=True)
     return result
   return generate.evaluate_run(config, workdir)

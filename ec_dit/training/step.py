@@ -32,14 +32,20 @@ def summarize_diagnostics(moe: dict) -> dict[str, jax.Array]:
 LATENT_KEY = 1  # folded into a step's key for its latent draws; the loss splits the step key itself
 
 
+def draw_latents(batch: dict, key: jax.Array) -> jax.Array:
+  """The images a step trains on: `batch["image"]` (pixels, or latents given directly), or for prepared
+  latents a fresh draw latent_mean + latent_std * eps, eps from fold_in(step key, LATENT_KEY), so a
+  resumed run draws the same. Shared by the text-to-image and the class-conditional steps."""
+  if "latent_mean" not in batch:
+    return batch["image"]
+  eps = jax.random.normal(jax.random.fold_in(key, LATENT_KEY), batch["latent_mean"].shape, jnp.float32)
+  return batch["latent_mean"] + batch["latent_std"] * eps
+
+
 def model_inputs(batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(images, text) the model trains on: pixels and token ids, or for prepared latents a fresh
-  draw latent_mean + latent_std * eps (eps from the step's key, so a resumed run draws the same)
-  and the T5 features."""
-  if "latent_mean" not in batch:
-    return batch["image"], batch["tokens"]
-  eps = jax.random.normal(jax.random.fold_in(key, LATENT_KEY), batch["latent_mean"].shape, jnp.float32)
-  return batch["latent_mean"] + batch["latent_std"] * eps, batch["features"]
+  draw (`draw_latents`) and the T5 features."""
+  return draw_latents(batch, key), batch["features" if "latent_mean" in batch else "tokens"]
 
 
 def make_train_step(config, graphdef, tx, mesh=None):

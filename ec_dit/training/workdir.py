@@ -131,7 +131,8 @@ def check_config(workdir: str, config, report=print) -> None:
 
   Does nothing without checkpoints or without a stored config. Raises
   WorkdirError listing every state-changing difference (old -> new); reports the
-  safe ones in one line.
+  safe ones in one line. When the latest checkpoint holds no data iterator (an
+  imported checkpoint), the data stream (seed, batch size, input) may change.
   """
   path = os.path.join(workdir, CONFIG_NAME)
   steps = checkpoint.saved_steps(workdir)
@@ -143,7 +144,9 @@ def check_config(workdir: str, config, report=print) -> None:
   except (ValueError, UnicodeDecodeError) as e:
     raise WorkdirError(f"{path} is not valid JSON ({e}), so the new config cannot be checked against the run's "
                        f"checkpoints (steps {steps}); restore it, or use a new --workdir") from None
-  state, safe = schema.split_differences(schema.config_differences(old, config_record(config)))
+  imported = not checkpoint.has_data_iter(checkpoint.checkpoint_dir(workdir), steps[-1])  # e.g. ec_dit.convert's
+  state, safe = schema.split_differences(schema.config_differences(old, config_record(config)),
+                                         data_stream_saved=not imported)
   if state:
     lines = "\n".join(f"  config.{f}: {a!r} -> {b!r}" for f, a, b in state)
     raise WorkdirError(
