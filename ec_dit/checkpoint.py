@@ -185,10 +185,11 @@ def save_error(workdir: str, step: int, error: BaseException) -> SaveError:
 
 
 def restore_ema(config, workdir: str, step: int | None = None) -> dict:
-  """The EMA parameters of a run's latest (or given) checkpoint, for inference."""
+  """The EMA parameters of a run's latest (or given) checkpoint, for inference (any `config.model.arch`)."""
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoints in {path}: train first (--mode=train)")
+    raise FileNotFoundError(f"no checkpoints in {path}: train first (--mode=train), or import a DiT-MoE "
+                            f"checkpoint (python -m ec_dit.convert)")
   with ocp.CheckpointManager(path, item_names=("state", "ema", "data_iter")) as manager:
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:

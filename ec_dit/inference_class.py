@@ -25,7 +25,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from ec_dit import checkpoint, class_diffusion, images as images_lib, inference
@@ -33,24 +32,6 @@ from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import dit_moe
 
 SD_VAE_SCALE = 0.18215
-
-
-def restore_ema(config, workdir: str, step: int | None = None) -> dict:
-  """The EMA parameters of a class-conditional run's latest (or given) checkpoint."""
-  path = checkpoint.checkpoint_dir(workdir)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoints in {path}: train, or import a checkpoint with python -m ec_dit.convert")
-  with ocp.CheckpointManager(path, item_names=("state", "ema", "data_iter")) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
-    if step is not None:
-      if step not in steps:
-        raise ValueError(f"step {step} not among the checkpoints in {path}: {sorted(steps)}")
-      steps = [step]
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {path}")
-    target = dit_moe.abstract_params(config)
-    restored = manager.restore(steps[0], args=ocp.args.Composite(ema=ocp.args.StandardRestore(target)))
-    return jax.device_get(restored["ema"])
 
 
 class ClassToImagePipeline:
@@ -80,7 +61,7 @@ class ClassToImagePipeline:
                latent_scale: float = SD_VAE_SCALE) -> "ClassToImagePipeline":
     """Loads the EMA weights of a run directory (a training run or an imported checkpoint)."""
     config = inference.load_run_config(workdir)
-    return cls(config, restore_ema(config, workdir, step), vae=vae, batch_size=batch_size,
+    return cls(config, checkpoint.restore_ema(config, workdir, step), vae=vae, batch_size=batch_size,
                latent_scale=latent_scale)
 
   def __hash__(self):  # jit treats `self` as static

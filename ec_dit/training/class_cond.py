@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -31,24 +30,9 @@ from ec_dit.training import state as state_lib, step as step_lib
 
 
 def train_state_shardings(config, tx, mesh: Mesh):
-  """(graphdef, abstract state, abstract ema, shardings) of the DiT-MoE network, without allocating weights.
-
-  As `ec_dit.training.state.train_state_shardings`; `shardings["batch"]` shards
-  a [batch_size, ...] leaf's leading axis.
-  """
-  rules = config.mesh.rules
-  graphdef, param_state = nnx.split(dit_moe.abstract_model(config, seed=config.seed), nnx.Param)
-  params_sh = sharding.param_shardings(param_state, mesh, rules)
-  params_abs = sharding.abstract(nnx.to_pure_dict(param_state), params_sh)
-  opt_abs = jax.eval_shape(tx.init, params_abs)
-  rep = sharding.replicated(mesh)
-  opt_sh = sharding.opt_state_shardings(opt_abs, params_abs, params_sh, rep)
-  state_sh = {"step": rep, "params": params_sh, "opt_state": opt_sh}
-  state_abs = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=rep), "params": params_abs,
-               "opt_state": sharding.abstract(opt_abs, opt_sh)}
-  shardings = {"state": state_sh, "ema": params_sh,
-               "batch": sharding.batch_sharding(mesh, rules, config.batch_size)}
-  return graphdef, state_abs, params_abs, shardings
+  """(graphdef, abstract state, abstract ema, shardings) of the DiT-MoE network, without allocating weights:
+  `ec_dit.training.state.train_state_shardings`, whose abstract model follows `config.model.arch`."""
+  return state_lib.train_state_shardings(config, tx, mesh)
 
 
 def init_state(config, tx, mesh: Mesh | None = None):
