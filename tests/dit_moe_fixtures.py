@@ -13,7 +13,7 @@ from flax import nnx
 from ec_dit.convert import dit_moe as convert
 from ec_dit.model import dit_moe
 from ec_dit.prepare import dataset
-from helpers import load_config
+from helpers import load_config, set_fields
 from latent_fixtures import write_image_folder, write_vae
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "dit_moe"
@@ -87,12 +87,7 @@ def class_config(**fields):
   config.batch_size, config.num_train_steps = 4, 2
   config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps = 1, 2, 0
   config.class_diffusion.num_sampling_steps = 3
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_fields(config, fields)
   return config
 
 

@@ -13,9 +13,9 @@ from micro_config import get_config as base_test_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name: str, variant: str | None = None):
-  """Loads configs/<name>.py and calls get_config(variant), as `--config=file.py:variant` does."""
-  path = REPO / "configs" / f"{name}.py"
+def load_config(name: str, variant: str | None = None, path=None):
+  """Loads configs/<name>.py (or `path`) and calls get_config(variant), as `--config=file.py:variant` does."""
+  path = path or REPO / "configs" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -56,13 +56,18 @@ def train_config(variant: str | None = None, **overrides):
   config.geneval.per_task = 1
   config.geneval.images_per_prompt = 1
   config.geneval.batch_size = 8
-  for dotted, value in overrides.items():
+  set_fields(config, overrides)
+  return config
+
+
+def set_fields(config, fields: dict):
+  """Sets `config` fields named with double underscores for dots (`input__source="..."`)."""
+  for dotted, value in fields.items():
     node = config
     *parents, leaf = dotted.split("__")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return config
 
 
 def read_losses(workdir) -> dict[int, float]:

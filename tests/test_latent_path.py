@@ -1,6 +1,5 @@
 """The latent path end to end: prepare (killed and resumed), train from latents:DIR (resumed), sample."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +17,7 @@ from ec_dit import schema
 from ec_dit.data import latents, sources
 from ec_dit.prepare import dataset, writer
 from ec_dit.training import loop
-from helpers import REPO, read_losses
+from helpers import REPO, load_config, read_losses, set_fields
 from latent_fixtures import write_image_folder, write_t5, write_vae
 
 CONFIG = REPO / "tests" / "latent_config.py"
@@ -26,16 +25,8 @@ OFFICIAL = REPO.parent / "shared" / "geneval" / "evaluation_metadata.jsonl"
 
 
 def latent_config(**fields):
-  spec = importlib.util.spec_from_file_location("latent_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for dotted, value in fields.items():
-    node = config
-    *parents, leaf = dotted.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config = load_config("latent_config", path=CONFIG)
+  set_fields(config, fields)
   return config
 
 
