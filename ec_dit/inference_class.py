@@ -3,12 +3,13 @@
     from ec_dit.inference_class import ClassToImagePipeline
     pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A")       # e.g. from `python -m ec_dit.convert`
     latents = pipe.generate([207, 360, 387], seed=0)                  # [3, 32, 32, 4] float32
-    pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A", vae=my_vae)
+    vae = FrozenEncoders.from_config(config.encoders, context_len=1, need_t5=False)
+    pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A", encoders=vae)
     images = pipe.generate([207, 360], seed=0)                        # uint8 [2, 256, 256, 3]
 
-Without a VAE the pipeline returns latents. With one (any object with
-`.decode(latents) -> images in [-1, 1], [B, H, W, 3]`), latents are divided by
-`latent_scale` (0.18215, the SD VAE's factor, as DiT's sample.py does) and decoded.
+Without a decoder the pipeline returns latents. With one (`FrozenEncoders`, or any
+object whose `.decode(scaled latents)` returns uint8 images), the latents are decoded:
+the VAE's own scaling factor (0.18215 for the SD VAE, as DiT's sample.py uses) is applied there.
 
 `sample_to_files(workdir, [207], num_images=4)` is `python -m ec_dit.main --mode=sample
 --class_label=207`: PNGs decoded by the VAE of `config.encoders.vae_path` (which
@@ -31,25 +32,21 @@ from ec_dit import checkpoint, class_diffusion, images as images_lib, inference
 from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import dit_moe
 
-SD_VAE_SCALE = 0.18215
-
-
 class ClassToImagePipeline:
   """Class labels in, latents (or decoded images) out; jitted once per batch size, deterministic per seed.
 
   Args:
     config: the run's config (`config.model.arch == "dit_moe"`).
     params: the network parameters (a pure dict, normally the EMA weights).
-    vae: optional decoder with `.decode(latents)`; without it `generate` returns latents.
+    encoders: optional decoder (`FrozenEncoders` with a VAE); without it `generate` returns latents.
     batch_size: images per jitted call (labels are padded to it).
-    latent_scale: latents are divided by it before `vae.decode`.
   """
 
-  def __init__(self, config, params, *, vae=None, batch_size: int = 16, latent_scale: float = SD_VAE_SCALE):
+  def __init__(self, config, params, *, encoders: FrozenEncoders | None = None, batch_size: int = 16):
     if config.model.arch != "dit_moe":
       raise ValueError(f"config.model.arch must be 'dit_moe' for ClassToImagePipeline, got {config.model.arch!r}")
-    self.config, self.params, self.vae = config, params, vae
-    self.batch_size, self.latent_scale = batch_size, latent_scale
+    self.config, self.params, self.encoders = config, params, encoders
+    self.batch_size = batch_size
     abstract = dit_moe.abstract_model(config)
     abstract.eval()  # no balance loss; evaluation capacity for expert choice
     self._graphdef, _ = nnx.split(abstract, nnx.Param)
@@ -57,12 +54,11 @@ class ClassToImagePipeline:
     self.latent_shape = (m.input_size, m.input_size, m.in_channels)
 
   @classmethod
-  def from_run(cls, workdir: str, *, step: int | None = None, vae=None, batch_size: int = 16,
-               latent_scale: float = SD_VAE_SCALE) -> "ClassToImagePipeline":
+  def from_run(cls, workdir: str, *, step: int | None = None, encoders: FrozenEncoders | None = None,
+               batch_size: int = 16) -> "ClassToImagePipeline":
     """Loads the EMA weights of a run directory (a training run or an imported checkpoint)."""
     config = inference.load_run_config(workdir)
-    return cls(config, checkpoint.restore_ema(config, workdir, step), vae=vae, batch_size=batch_size,
-               latent_scale=latent_scale)
+    return cls(config, checkpoint.restore_ema(config, workdir, step), encoders=encoders, batch_size=batch_size)
 
   def __hash__(self):  # jit treats `self` as static
     return id(self)
@@ -102,10 +98,7 @@ class ClassToImagePipeline:
                              num_steps, guidance_scale)
       out.append(np.asarray(latents[:len(chunk)]))
     latents = np.concatenate(out) if out else np.zeros((0,) + self.latent_shape, np.float32)
-    if self.vae is None:
-      return latents
-    images = np.asarray(self.vae.decode(jnp.asarray(latents) / self.latent_scale), np.float32)
-    return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+    return latents if self.encoders is None else self.encoders.decode(latents)
 
 
 def sample_to_files(workdir: str, class_labels: Sequence[int], *, num_images: int = 4, seed: int = 0,

@@ -171,11 +171,12 @@ def test_convert_writes_a_run_that_the_pipeline_samples(tmp_path):
   assert latents.shape == (3, 8, 8, 4) and latents.dtype == np.float32 and np.isfinite(latents).all()
   np.testing.assert_array_equal(pipe.generate([5], seed=0, first_index=1)[0], latents[1])  # independent of batching
 
-  class FakeVAE:
+  class FakeDecoder:  # FrozenEncoders.decode's contract: scaled latents -> uint8 images
     def decode(self, z):
-      return jnp.tanh(jnp.repeat(z[..., :3], 2, axis=1).repeat(2, axis=2))
+      x = jnp.tanh(jnp.repeat(z[..., :3], 2, axis=1).repeat(2, axis=2))
+      return np.asarray(jnp.round((x + 1.0) * 127.5), np.uint8)
 
-  pipe.vae = FakeVAE()
+  pipe.encoders = FakeDecoder()
   images = pipe.generate([1], seed=0)
   assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
