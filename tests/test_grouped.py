@@ -134,7 +134,8 @@ def test_auto_is_ragged_dot_on_tpu_only_and_bad_names_are_refused():
 
 
 def test_tile_size_follows_rows_per_expert():
-  assert grouped.tile_size(4096, 8) == 256   # DiT-MoE-S/2 at batch 8: n / (2e) = 256
-  assert grouped.tile_size(256, 4) == 32
+  assert grouped.tile_size(4096, 8) == 128   # DiT-MoE-S/2 at batch 8: n / (4e) = 128
+  assert grouped.tile_size(4000, 8) == 64    # a power of two <= n / (4e) = 125
+  assert grouped.tile_size(256, 4) == 16
   assert grouped.tile_size(24, 4) == 8        # at least 8
   assert grouped.tile_size(1 << 20, 8) == 256  # at most 256

@@ -53,14 +53,16 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 
 def tile_size(num_rows: int, num_experts: int) -> int:
-  """Rows per tile: the largest power of two <= n / (2e), within [8, 256].
+  """Rows per tile: the largest power of two <= n / (4e), within [8, 256].
 
-  Padding costs up to t-1 rows per expert (about e*t/2 on average), so t near
-  n/(2e) keeps it near a quarter of the rows at worst on average, while tiles
-  stay large enough that the per-tile loop overhead is small. On the 2-core CPU
-  here t = 128 and 256 tied at n = 4096, e = 8 (512 was slower: too much padding).
+  Padding costs up to t-1 rows per expert, about e*t/2 rows on average, so
+  t <= n/(4e) keeps it near n/8 (12%); tiles much smaller than that pay more
+  per-tile loop overhead than they save. Measured on this 2-core CPU
+  (experiments/benchmark_dropless.py, fwd+bwd, medians of paired ratios): at
+  n = 4096, e = 8 t = 128 was fastest (t = 256 0-40% slower, 64 and 32 about
+  25% slower); at n = 256, e = 4 t = 16 beat 32 and 64.
   """
-  target = max(1, num_rows // (2 * num_experts))
+  target = max(1, num_rows // (4 * num_experts))
   return int(min(MAX_TILE, max(MIN_TILE, 1 << (target.bit_length() - 1))))
 
 
