@@ -20,6 +20,8 @@ Two implementations of y[n] = x[n] @ w[expert(n)]:
               writes each tile's dW into its expert's slice of one float32
               accumulator, so nothing of size [e, d, h] is built per tile.
               Cost: the routed rows plus at most t-1 padding rows per expert.
+              With experts sharded over devices the scan reads every expert's
+              weights, so XLA gathers them: correct, but not expert-parallel.
 
 `impl="auto"` (`resolve_impl`) picks ragged_dot on TPU and tiles on every other
 backend. Usage (`ec_dit.moe.layers.Experts.ragged`):
@@ -59,8 +61,8 @@ def tile_size(num_rows: int, num_experts: int) -> int:
   t <= n/(4e) keeps it near n/8 (12%); tiles much smaller than that pay more
   per-tile loop overhead than they save. Measured on this 2-core CPU
   (experiments/benchmark_dropless.py, fwd+bwd, medians of paired ratios): at
-  n = 4096, e = 8 t = 128 was fastest (t = 256 0-40% slower, 64 and 32 about
-  25% slower); at n = 256, e = 4 t = 16 beat 32 and 64.
+  n = 4096, e = 8, t = 128 and 256 were within noise of each other over three
+  runs and 32 and 64 about 25% slower; at n = 256, e = 4, t = 16 beat 32 and 64.
   """
   target = max(1, num_rows // (4 * num_experts))
   return int(min(MAX_TILE, max(MIN_TILE, 1 << (target.bit_length() - 1))))
