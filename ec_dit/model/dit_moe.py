@@ -117,7 +117,8 @@ class SparseMoE(nnx.Module):
     if f.kind == "token_choice":
       self.routed = moe_layers.TokenChoiceMoE(d, k=f.top_k, num_shared_experts=0,
                                               capacity_factor=f.token_capacity_factor,
-                                              renormalize_gates=f.renormalize_gates, **common)
+                                              renormalize_gates=f.renormalize_gates,
+                                              dropless_impl=f.get("dropless_impl", "auto"), **common)
     elif f.kind == "expert_choice":
       self.routed = moe_layers.ExpertChoiceMoE(d, train_capacity_factor=f.train_capacity_factor,
                                                eval_capacity_factor=f.eval_capacity_factor, **common)

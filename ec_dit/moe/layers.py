@@ -14,7 +14,7 @@ from flax import nnx
 
 from ec_dit import primitives, schema, sharding
 from ec_dit.moe import dispatch as dispatch_lib
-from ec_dit.moe import routing
+from ec_dit.moe import grouped, routing
 
 ACTIVATIONS = schema.ACTIVATIONS
 _expert_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0,))
@@ -93,15 +93,31 @@ class Experts(nnx.Module):
     y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._b(self.bo, (slice(None), None, None))
     return sharding.constrain(jnp.swapaxes(y_egcd, 0, 1), ("expert_group", "expert", None, None))
 
-  def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Rows sorted by expert, `group_sizes[e]` rows for expert e: grouped matmuls, no padding."""
+  def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array,
+             impl: str = "auto") -> jax.Array:
+    """Rows sorted by expert, `group_sizes[e]` rows for expert e: [N, D] -> [N, D], no row dropped.
+
+    `impl` (see `ec_dit.moe.grouped`): "ragged_dot" (grouped matmuls; a kernel on
+    TPU, every expert on every row elsewhere), "tiles" (per-expert tiles, cost
+    follows the rows) or "auto" (ragged_dot on TPU, tiles elsewhere).
+    """
     x_nd = x_nd.astype(self.dtype)
-    h_nh = jax.lax.ragged_dot(x_nd, self._w(self.wi), group_sizes) + self._b(self.bi, expert_of_row)
+    if grouped.resolve_impl(impl) == "ragged_dot":
+      return self._mlp(x_nd, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes), expert_of_row)
+    n, e = x_nd.shape[0], group_sizes.shape[0]
+    plan = grouped.tile_plan(group_sizes, n, grouped.tile_size(n, e))
+    y_mtd = self._mlp(grouped.to_tiles(x_nd, plan), lambda a, w: grouped.tile_matmul(a, w, plan),
+                      (plan.tile_expert, None))
+    return grouped.from_tiles(y_mtd, plan)
+
+  def _mlp(self, x, matmul, bias_index):
+    """The expert MLP with `matmul(x, w_stacked)` picking each row's expert and biases `b[bias_index]`."""
+    h = matmul(x, self._w(self.wi)) + self._b(self.bi, bias_index)
     if self.wg is not None:
-      h_nh = jax.nn.silu(jax.lax.ragged_dot(x_nd, self._w(self.wg), group_sizes)) * h_nh
+      h = jax.nn.silu(matmul(x, self._w(self.wg))) * h
     else:
-      h_nh = primitives.gelu(h_nh)
-    return jax.lax.ragged_dot(h_nh, self._w(self.wo), group_sizes) + self._b(self.bo, expert_of_row)
+      h = primitives.gelu(h)
+    return matmul(h, self._w(self.wo)) + self._b(self.bo, bias_index)
 
 
 def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
@@ -216,7 +232,8 @@ class TokenChoiceMoE(nnx.Module):
   """DiT-MoE's token-choice MoE: each token picks its top-k experts, plus always-on shared experts.
 
   Dropless by default (`capacity_factor=0`): rows are sorted by expert and run as
-  grouped matmuls (`lax.ragged_dot`), so no token is ever dropped. With
+  grouped matmuls (`Experts.ragged` with `dropless_impl`: "auto", "ragged_dot" or
+  "tiles", see `ec_dit.moe.grouped`), so no token is ever dropped. With
   `capacity_factor > 0` each expert holds C = round(S * k * capacity_factor / E)
   slots per group and overflowing choices are dropped. Gates are the raw top-k
   probabilities unless `renormalize_gates`. The layer reports DiT-MoE's
@@ -225,12 +242,14 @@ class TokenChoiceMoE(nnx.Module):
 
   def __init__(self, d: int, *, num_experts: int, hidden: int, k: int = 2, num_shared_experts: int = 0,
                capacity_factor: float = 0.0, renormalize_gates: bool = False, dispatch: str = "einsum",
-               group_size: int = 0, activation: str = "gelu", expert_bias: bool = True, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               group_size: int = 0, activation: str = "gelu", expert_bias: bool = True,
+               dropless_impl: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32):
+    grouped.resolve_impl(dropless_impl)  # a ValueError now rather than at the first call
     _init_routed(self, d, num_experts, hidden, dispatch, group_size, activation, rngs, dtype, expert_bias)
     self.k = k
     self.capacity_factor = capacity_factor
     self.renormalize_gates = renormalize_gates
+    self.dropless_impl = dropless_impl
     self.shared = nnx.List([DenseMLP(d, hidden, activation=activation, rngs=rngs, dtype=dtype)
                             for _ in range(num_shared_experts)])
 
@@ -240,7 +259,8 @@ class TokenChoiceMoE(nnx.Module):
     rows_token = jnp.repeat(jnp.arange(g * s), self.k)
     order = jnp.argsort(rows_expert, stable=True)
     group_sizes = jnp.bincount(rows_expert, length=self.num_experts).astype(jnp.int32)
-    y_sorted = self.experts.ragged(x_gsd.reshape(g * s, d)[rows_token[order]], rows_expert[order], group_sizes)
+    y_sorted = self.experts.ragged(x_gsd.reshape(g * s, d)[rows_token[order]], rows_expert[order], group_sizes,
+                                   impl=self.dropless_impl)
     y_rows = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(g, s, self.k, d)
     y_gsd = jnp.einsum("gskd,gsk->gsd", y_rows.astype(x_gsd.dtype), gates_gsk.astype(x_gsd.dtype))
     return y_gsd, jnp.full((g, s), float(self.k)), group_sizes.astype(jnp.float32)

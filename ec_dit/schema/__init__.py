@@ -7,8 +7,8 @@ The bottom of the package: nothing here imports another `ec_dit` module.
     schema.validate(config)                # ValueError naming the first bad field
 """
 
-from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, DISPATCHES, DTYPES, FFN_KINDS,
-                                    GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS,
+from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, DISPATCHES, DROPLESS_IMPLS, DTYPES,
+                                    FFN_KINDS, GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS,
                                     PREPARE_README, REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS,
                                     TEXT_ENCODERS, TOKENIZERS, VARIANTS, apply_variant, base_config,
                                     input_defaults, mesh_defaults, model_defaults, paper_config, paper_model)

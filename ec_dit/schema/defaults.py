@@ -18,6 +18,8 @@ from ec_dit.schema.class_cond import class_cond_model_defaults, class_diffusion_
 # -- Allowed values ------------------------------------------------------------
 FFN_KINDS = ("dense", "expert_choice", "token_choice")
 DISPATCHES = ("einsum", "gather")
+# dropless token choice: ragged_dot on TPU, tiles elsewhere (ec_dit.moe.grouped)
+DROPLESS_IMPLS = ("auto", "ragged_dot", "tiles")
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")
@@ -101,6 +103,7 @@ def model_defaults() -> ml_collections.ConfigDict:
           top_k=2,
           num_shared_experts=2,
           token_capacity_factor=0.0,  # 0 = dropless
+          dropless_impl="auto",       # grouped matmuls of dropless token choice: one of DROPLESS_IMPLS
           renormalize_gates=False,
           balance_loss_coef=0.01,
           # dense kind: width of the FFN at the MoE positions, as a multiple of hidden

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.class_cond import validate_class_cond
-from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DTYPES, FFN_KINDS, GENEVAL_DOMAINS,
-                                    MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
+from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
+                                    GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
                                     input_defaults)
 
@@ -85,6 +85,8 @@ def validate_model(m, prefix: str = "model") -> None:
       fail(f"{p}.{name}", "> 0", f[name])
   if f.token_capacity_factor < 0:
     fail(f"{p}.token_capacity_factor", ">= 0 (0 = dropless)", f.token_capacity_factor)
+  if f.dropless_impl not in DROPLESS_IMPLS:
+    fail(f"{p}.dropless_impl", f"one of {DROPLESS_IMPLS}", f.dropless_impl)
   if f.kind == "token_choice" and not 1 <= f.top_k <= f.num_experts:
     fail(f"{p}.top_k", f"in [1, num_experts={f.num_experts}]", f.top_k)
   if f.num_shared_experts < 0:
