@@ -103,6 +103,13 @@ def test_every_schema_key_is_classified_for_resume():
     assert schema.is_state_field(key) != schema.is_safe_field(key), key
 
 
+def test_how_dropless_matmuls_run_may_change_on_resume_but_the_experts_may_not():
+  state, safe = schema.split_differences([("model.ffn.dropless_impl", "auto", "tiles"),
+                                          ("model.ffn.num_experts", 8, 4)])
+  assert [d[0] for d in safe] == ["model.ffn.dropless_impl"]
+  assert [d[0] for d in state] == ["model.ffn.num_experts"]
+
+
 # -- 2. One run per workdir ---------------------------------------------------------------------
 
 def test_a_second_run_fails_at_once_naming_the_holder(trained, tmp_path):

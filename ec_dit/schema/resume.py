@@ -37,6 +37,7 @@ RESUME_SAFE_FIELDS = (
     "class_diffusion.guidance_channels", "class_diffusion.class_labels",
     "input.worker_count", "input.read_threads", "input.prefetch_buffer_size", "input.tfds_data_dir",
     "input.skip_bad_examples",
+    "model.ffn.dropless_impl",  # how the same grouped matmuls are computed: no change to the state
 )
 
 
@@ -45,8 +46,12 @@ def _under(field: str, prefixes) -> bool:
 
 
 def is_state_field(field: str) -> bool:
-  """True when `field` (dotted, e.g. "model.ffn.num_experts") may not change on resume."""
-  return _under(field, RESUME_STATE_FIELDS)
+  """True when `field` (dotted, e.g. "model.ffn.num_experts") may not change on resume.
+
+  A safe field inside a state section (`model.ffn.dropless_impl` in `model`) is safe.
+  """
+  return _under(field, RESUME_STATE_FIELDS) and not _under(field, [
+      p for p in RESUME_SAFE_FIELDS if any(p.startswith(s + ".") for s in RESUME_STATE_FIELDS)])
 
 
 def is_safe_field(field: str) -> bool:
