@@ -32,11 +32,15 @@ class DenseMLP(nnx.Module):
     self.wo = primitives.Linear(hidden, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
+    # On rows [N, D]: with [B, S, D] the weight gradients contract over (b, s) at
+    # once and XLA transposes the hidden-width gradients to merge them (see `Experts`).
+    x_nd = x.reshape(-1, x.shape[-1])
     if self.activation == "swiglu":
-      h = jax.nn.silu(self.wg(x)) * self.wi(x)
+      h = jax.nn.silu(self.wg(x_nd)) * self.wi(x_nd)
     else:
-      h = primitives.gelu(self.wi(x))
-    return self.wo(h), {}
+      h = primitives.gelu(self.wi(x_nd))
+    y = self.wo(h)
+    return y.reshape(x.shape[:-1] + y.shape[-1:]), {}
 
 
 class Experts(nnx.Module):
