@@ -30,7 +30,7 @@ How
 
 Usage
   python -m experiments.benchmark_moe_paths                  # layers, ~3 minutes
-  python -m experiments.benchmark_moe_paths --model --rounds 5
+  python -m experiments.benchmark_moe_paths --model --model_depth 4 --rounds 5
 
 Output: one JSON line per case, starting with {"benchmark": "moe_paths".
 This is a benchmark, not a test: it asserts only that old and new agree.
@@ -138,9 +138,10 @@ def layer_case(make, x):
   return compile_path
 
 
-def model_case(variant, capacity_factor, batch):
-  """DiT-MoE-S/2 training step (forward, backward, AdamW) of configs/dit_moe.py:`variant`."""
+def model_case(variant, capacity_factor, batch, depth):
+  """DiT-MoE-S/2 training step (forward, backward, AdamW) of configs/dit_moe.py:`variant`, `depth` blocks."""
   config = load_dit_moe_config(variant)
+  config.model.depth = depth
   config.model.ffn.token_capacity_factor = capacity_factor
   model = dit_moe.build(config)
   graphdef, params = nnx.split(model)
@@ -189,30 +190,30 @@ def expert_flops(tokens, d, hidden, slots_per_token, swiglu):
 
 
 def build_cases(args):
-  """name -> (compile_path, flops or None)."""
+  """name -> (factory of compile_path, flops or None); a case builds its model only when selected."""
   b, s, d, h = 8, 256, 384, 1536
   x_s2 = jax.random.normal(jax.random.key(0), (b, s, d), jnp.float32)
   swiglu = dict(activation="swiglu", expert_bias=False, dispatch="gather", rngs=nnx.Rngs(0))
   einsum = dict(swiglu, dispatch="einsum")
   x_tiny = jax.random.normal(jax.random.key(1), (32, 64, 128), jnp.float32)
   cases = {
-      "ec_s2": (layer_case(lambda: layers.ExpertChoiceMoE(d, num_experts=8, hidden=h, **swiglu), x_s2),
+      "ec_s2": (lambda: layer_case(lambda: layers.ExpertChoiceMoE(d, num_experts=8, hidden=h, **swiglu), x_s2),
                 expert_flops(b * s, d, h, 2, True)),
-      "ec_s2_einsum": (layer_case(lambda: layers.ExpertChoiceMoE(d, num_experts=8, hidden=h, **einsum), x_s2),
+      "ec_s2_einsum": (lambda: layer_case(lambda: layers.ExpertChoiceMoE(d, num_experts=8, hidden=h, **einsum), x_s2),
                        expert_flops(b * s, d, h, 2, True)),
-      "tc1_s2": (layer_case(lambda: layers.TokenChoiceMoE(d, num_experts=8, hidden=h, k=2, capacity_factor=1.0,
+      "tc1_s2": (lambda: layer_case(lambda: layers.TokenChoiceMoE(d, num_experts=8, hidden=h, k=2, capacity_factor=1.0,
                                                           **swiglu), x_s2), expert_flops(b * s, d, h, 2, True)),
-      "tc2_s2": (layer_case(lambda: layers.TokenChoiceMoE(d, num_experts=8, hidden=h, k=2, capacity_factor=2.0,
+      "tc2_s2": (lambda: layer_case(lambda: layers.TokenChoiceMoE(d, num_experts=8, hidden=h, k=2, capacity_factor=2.0,
                                                           **swiglu), x_s2), expert_flops(b * s, d, h, 4, True)),
-      "dense_s2": (layer_case(lambda: layers.DenseMLP(d, 2 * h, activation="swiglu", rngs=nnx.Rngs(0)), x_s2),
+      "dense_s2": (lambda: layer_case(lambda: layers.DenseMLP(d, 2 * h, activation="swiglu", rngs=nnx.Rngs(0)), x_s2),
                    expert_flops(b * s, d, 2 * h, 1, True)),
-      "ec_tiny": (layer_case(lambda: layers.ExpertChoiceMoE(128, num_experts=8, hidden=512, dispatch="gather",
+      "ec_tiny": (lambda: layer_case(lambda: layers.ExpertChoiceMoE(128, num_experts=8, hidden=512, dispatch="gather",
                                                             rngs=nnx.Rngs(0)), x_tiny),
                   expert_flops(32 * 64, 128, 512, 2, False)),
   }
   if args.model:
-    cases["model_ec_s2"] = (model_case("S-8E2A-ec", 0.0, args.model_batch), None)
-    cases["model_tc2_s2"] = (model_case("S-8E2A", 2.0, args.model_batch), None)
+    cases["model_ec_s2"] = (lambda: model_case("S-8E2A-ec", 0.0, args.model_batch, args.model_depth), None)
+    cases["model_tc2_s2"] = (lambda: model_case("S-8E2A", 2.0, args.model_batch, args.model_depth), None)
   return cases
 
 
@@ -221,14 +222,16 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--model", action="store_true", help="also the whole DiT-MoE-S/2 training step")
   p.add_argument("--model_batch", type=int, default=8)
+  p.add_argument("--model_depth", type=int, default=12, help="blocks (fewer: less memory, same per-block work)")
   p.add_argument("--cases", type=str, default="", help="comma list: only these cases")
   args = p.parse_args(argv)
   cases = build_cases(args)
   if args.cases:
     cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
   runners, flops = {}, {}
-  for name, (compile_path, f) in cases.items():
+  for name, (factory, f) in cases.items():
     flops[name] = f
+    compile_path = factory()
     for path in ("old", "new"):
       runners[(name, path)] = compile_path(path)
     old, new = runners[(name, "old")](), runners[(name, "new")]()  # also warms up
