@@ -130,7 +130,8 @@ class SparseMoE(nnx.Module):
   def __call__(self, x: jax.Array):
     y, diagnostics = self.routed(x, x)
     if self.shared is not None:
-      y = y + self.shared(x)
+      # On rows [N, D], as `moe_layers.DenseMLP`: no transposed weight-gradient operands.
+      y = y + self.shared(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     return y, diagnostics
 
 

@@ -34,12 +34,15 @@ def dispatch_einsum(x_gsd: jax.Array, slots: SlotAssignment, expert_fn: ExpertFn
   tensor (one O(S^2 D) matmul fewer) and no second [G, E, C, S] tensor is built.
   Empty slots get token index -1, whose one-hot row is all zeros.
   """
-  num_tokens = x_gsd.shape[1]
-  token_indices = jnp.where(slots.valid, slots.token_indices, -1)
-  dispatch_gecs = jax.nn.one_hot(token_indices, num_tokens, dtype=x_gsd.dtype)
-  x_gecd = jnp.einsum("gecs,gsd->gecd", dispatch_gecs, x_gsd)
+  g, num_tokens, d = x_gsd.shape
+  e, c = slots.token_indices.shape[1:]
+  # Slots flattened to n = (e, c): each einsum (and its transposes) then has one
+  # contracting dim; contracting (e, c) at once makes XLA transpose operands.
+  token_indices = jnp.where(slots.valid, slots.token_indices, -1).reshape(g, e * c)
+  dispatch_gns = jax.nn.one_hot(token_indices, num_tokens, dtype=x_gsd.dtype)
+  x_gecd = jnp.einsum("gns,gsd->gnd", dispatch_gns, x_gsd).reshape(g, e, c, d)
   y_gecd = expert_fn(x_gecd).astype(x_gsd.dtype) * slots.gates[..., None].astype(x_gsd.dtype)
-  return jnp.einsum("gecs,gecd->gsd", dispatch_gecs, y_gecd)
+  return jnp.einsum("gns,gnd->gsd", dispatch_gns, y_gecd.reshape(g, e * c, d))
 
 
 def dispatch_gather(x_gsd: jax.Array, slots: SlotAssignment, expert_fn: ExpertFn) -> jax.Array:

@@ -32,11 +32,15 @@ class DenseMLP(nnx.Module):
     self.wo = primitives.Linear(hidden, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
+    # On rows [N, D]: with [B, S, D] the weight gradients contract over (b, s) at
+    # once and XLA transposes the hidden-width gradients to merge them (see `Experts`).
+    x_nd = x.reshape(-1, x.shape[-1])
     if self.activation == "swiglu":
-      h = jax.nn.silu(self.wg(x)) * self.wi(x)
+      h = jax.nn.silu(self.wg(x_nd)) * self.wi(x_nd)
     else:
-      h = primitives.gelu(self.wi(x))
-    return self.wo(h), {}
+      h = primitives.gelu(self.wi(x_nd))
+    y = self.wo(h)
+    return y.reshape(x.shape[:-1] + y.shape[-1:]), {}
 
 
 class Experts(nnx.Module):
@@ -83,14 +87,20 @@ class Experts(nnx.Module):
     # groups over the remaining batch axes): XLA emits the all-to-all here and
     # its inverse on the way out.
     x_gecd = sharding.constrain(x_gecd, ("expert_group", "expert", None, None))
-    x_egcd = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1)
-    h_egch = jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wi)) + self._b(self.bi, (slice(None), None, None))
+    g, e, c, d = x_gecd.shape
+    # Rows [E, G*C]: every matmul is a batched dot with ONE contracting dim. In
+    # the 4-D form the weight gradients contract over (g, c) at once, and XLA
+    # then transposes the [.., H]-wide activation gradients (fused with the
+    # SwiGLU backward, strided: ~15% of the layer's fwd+bwd on CPU) to merge them.
+    x_end = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1).reshape(e, g * c, d)
+    h_enh = jnp.einsum("end,edh->enh", x_end, self._w(self.wi)) + self._b(self.bi, (slice(None), None))
     if self.wg is not None:
-      h_egch = jax.nn.silu(jnp.einsum("egcd,edh->egch", x_egcd, self._w(self.wg))) * h_egch
+      h_enh = jax.nn.silu(jnp.einsum("end,edh->enh", x_end, self._w(self.wg))) * h_enh
     else:
-      h_egch = primitives.gelu(h_egch)
-    h_egch = sharding.constrain(h_egch, ("expert", "expert_group", None, "expert_mlp"))
-    y_egcd = jnp.einsum("egch,ehd->egcd", h_egch, self._w(self.wo)) + self._b(self.bo, (slice(None), None, None))
+      h_enh = primitives.gelu(h_enh)
+    h_egch = sharding.constrain(h_enh.reshape(e, g, c, -1), ("expert", "expert_group", None, "expert_mlp"))
+    y_end = jnp.einsum("enh,ehd->end", h_egch.reshape(e, g * c, -1), self._w(self.wo))
+    y_egcd = (y_end + self._b(self.bo, (slice(None), None))).reshape(e, g, c, d)
     return sharding.constrain(jnp.swapaxes(y_egcd, 0, 1), ("expert_group", "expert", None, None))
 
   def ragged(self, x_nd: jax.Array, expert_of_row: jax.Array, group_sizes: jax.Array,
