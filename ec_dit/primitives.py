@@ -8,6 +8,7 @@ that is what lets the same module build abstractly for a 97B model.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -44,18 +45,76 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out], with the same two matmuls as its autodiff backward, but the
+  incoming gradient made a buffer of its own first (`optimization_barrier`).
+
+  Why: XLA:CPU transposes the [tokens, width] operands of the kernel gradient
+  x^T @ dy, and otherwise fuses all the elementwise work that produces dy (the
+  layer norm and adaLN backward, gates, residual sums) into that transpose and
+  into each of its other consumers, recomputing it in transposed, cache-hostile
+  order. Materialising dy once makes the transpose a plain copy (tiny config:
+  see docs/benchmarks.md). Values are the autodiff ones: the same dots on the same operands.
+  """
+  return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  dy = jax.lax.optimization_barrier(dy)
+  dx = jnp.dot(dy, kernel.T)
+  dkernel = jnp.dot(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))
+  return dx, dkernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters (DiT's norm), computed in float32."""
+  """LayerNorm without affine parameters (DiT's norm), computed in float32.
+
+  Its gradient is the closed form rstd * (g - mean(g) - y * mean(g * y)) of the
+  normalised output y (`_layer_norm_bwd`), a few fused reductions instead of
+  autodiff's chain through mean, variance and rsqrt (the same value up to float
+  rounding); the forward is unchanged.
+  """
+  return _layer_norm(x, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _layer_norm(x, eps):
+  return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_fwd(x, eps):
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  rstd = jax.lax.rsqrt(var + eps)
+  y = (x32 - mean) * rstd
+  return y.astype(x.dtype), (y, rstd)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  del eps
+  y, rstd = residuals
+  g32 = g.astype(jnp.float32)
+  dx = rstd * (g32 - jnp.mean(g32, axis=-1, keepdims=True) - y * jnp.mean(g32 * y, axis=-1, keepdims=True))
+  return (dx.astype(g.dtype),)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

@@ -1,122 +1,282 @@
-"""Training and sampling speed of the tiny config for the three FFN kinds.
+"""Training (and sampling) speed: the tiny config's variants and DiT-MoE-S/2-shaped configs, against the matmul rate.
 
-What is measured
-  train: steps/s of the jitted train step (forward, backward, the config's optimizer, EMA) at the
-    config's batch size, on batches prepared beforehand (the input pipeline is
-    not in the timing). Images/s of training = steps/s x batch size.
-  sample: images/s of `TextToImagePipeline.generate` with the config's sampler,
-    steps and guidance (conditional and unconditional in one batch).
-  Variants at matched activated compute: expert choice (ec), token choice top-2
-  (tc), dense FFN of width 2 x 4d at the MoE positions (dense). All train with
-  the tiny config's optimizer (Muon + AdamW); ec_adamw is ec with AdamW alone,
-  to show what Muon costs per step.
+Suites (`--suite tiny|s2|both`)
+  tiny: the tiny config (configs/ec_dit_tiny.py) at matched activated compute:
+    expert choice (ec), token choice top-2 (tc), dense FFN of width 2 x 4d
+    (dense), and ec trained with AdamW alone (ec_adamw, to show what Muon costs).
+    Steps/s of the jitted train step (forward, backward, the config's optimizer,
+    EMA) at batch 32 on batches prepared beforehand, and images/s of
+    `TextToImagePipeline.generate` with the config's sampler (`--no_sample` skips it).
+  s2: DiT-MoE-S/2-8E2A shapes (experiments/train_shapes.py: dense SwiGLU 10d,
+    expert choice cf 2, token choice top-2 cf 2, dropless token choice), batch 8,
+    forward + backward + AdamW + EMA on random latents and labels. For each: the
+    median step time and model FLOPs/s (counted analytically, train_shapes.py)
+    divided by the rate of a jitted 2048 x 2048 float32 jnp.dot timed in the
+    same rounds ("vs matmul"; one variant at a time, see `run_s2`), and the activated FLOPs per token of the network
+    and of its FFN alone (equal FFN FLOPs = matched activated compute).
+    `xla_flops` is XLA's cost analysis of the compiled step, for comparison (it
+    counts what is computed, including padding slots, elementwise ops and the optimizer).
 
 How
-  Each variant is compiled and warmed up first. Then `--rounds` rounds; in each
-  round every variant runs `--steps` train steps and one sampling batch, in a
-  rotated order, so machine noise hits all alike. Medians over rounds.
+  Everything is compiled and warmed up first. Then `--rounds` rounds; in each
+  round the matmul and every variant run (`--steps` train steps, one sampling
+  batch) in a rotated order, so machine noise hits all alike. Medians over rounds.
+
+Old vs new (`--ref_tree DIR`)
+  Trains the tiny default (ec) with the source tree DIR (e.g. an older checkout:
+  `git worktree add /tmp/ref_main <commit>`) and with this one, each in its own
+  long-lived subprocess (PYTHONPATH = its tree) that compiles once; the two
+  then take turns, one timing round at a time, so they never run together.
+  Prints the median steps/s of each and the ratio new/old.
 
 Usage
-  python experiments/benchmark_train.py            # a few minutes
-  python experiments/benchmark_train.py --quick
+  python experiments/benchmark_train.py                  # both suites, ~30 minutes on 2 busy cores
+  python experiments/benchmark_train.py --suite s2 --rounds 3
+  python experiments/benchmark_train.py --suite tiny --quick
+  python experiments/benchmark_train.py --ref_tree /tmp/ref_main --rounds 9
 
-Output: a table, then one JSON line starting with {"benchmark": "train_tiny".
+Output: a table per suite, then JSON lines starting with {"benchmark": "train_tiny",
+{"benchmark": "train_s2" or {"benchmark": "train_tiny_vs_ref".
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import numpy as np
+if "--worker" not in sys.argv:  # this tree's ec_dit, not an installed copy (a worker's PYTHONPATH names its tree)
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ec_dit import data, tokenizer as tokenizer_lib
-from ec_dit.inference import TextToImagePipeline
-from ec_dit.training import optimizers, state as state_lib, step as step_lib
+import ec_dit  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ec_dit import data, tokenizer as tokenizer_lib  # noqa: E402
+from ec_dit.inference import TextToImagePipeline  # noqa: E402
+from ec_dit.training import class_cond, optimizers, state as state_lib, step as step_lib  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("ec", "tc", "dense", "ec_adamw")
+import train_shapes  # noqa: E402
+
+TREE = pathlib.Path(__file__).resolve().parents[1]
+TINY_VARIANTS = ("ec", "tc", "dense", "ec_adamw")
 
 
-def load_config(variant):
+def tiny_config(tree, variant):
   """The tiny config's variant (None or "ec": expert choice); "ec_adamw" trains it with AdamW alone."""
-  spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "ec_dit_tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None if variant in ("ec", "ec_adamw") else variant)
+  config = train_shapes.load_module(tree, "ec_dit_tiny").get_config(
+      None if variant in ("ec", "ec_adamw") else variant)
   if variant == "ec_adamw":
     config.optimizer = "adamw"
   return config
 
 
-class Runner:
-  """One variant: its jitted step, state, prepared batches and a sampling pipeline."""
+def xla_flops(compiled) -> float:
+  """FLOPs of a compiled computation by XLA's cost analysis (nan when unavailable)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
 
-  def __init__(self, variant, num_batches, sample_batch):
-    self.config = config = load_config(variant)
-    tokenizer = tokenizer_lib.tokenizer_from_config(config)
-    batches = iter(data.create_dataset(config.input, batch_size=config.batch_size,
-                                       tokenize=tokenizer.encode, seed=0))
-    self.batches = [next(batches) for _ in range(num_batches)]
+
+class Trainer:
+  """A compiled train step with its state and prepared batches; `steps(n)` returns steps/s."""
+
+  def __init__(self, config, batches, init_state, make_train_step):
+    self.config = config
     tx = optimizers.make_optimizer(config)
-    graphdef, self.state, self.ema = state_lib.init_state(config, tx)
-    self.step_fn = step_lib.make_train_step(config, graphdef, tx)
-    self.pipe = TextToImagePipeline(config, jax.tree.map(np.asarray, self.ema), batch_size=sample_batch)
-    self.prompts = list(config.sample.prompts) * (sample_batch // len(config.sample.prompts) + 1)
-    self.prompts = self.prompts[:sample_batch]
-    self.train_steps(1)  # compile + warm up
-    self.sample()
+    graphdef, self.state, self.ema = init_state(config, tx)
+    step_fn = make_train_step(config, graphdef, tx)
+    self.batches = batches
+    self.compiled = step_fn.lower(self.state, self.ema, batches[0]).compile()
+    self.steps(2)  # warm up
 
-  def train_steps(self, n):
+  def steps(self, n):
     t = time.perf_counter()
     for i in range(n):
-      self.state, self.ema, metrics = self.step_fn(self.state, self.ema, self.batches[i % len(self.batches)])
+      self.state, self.ema, metrics = self.compiled(self.state, self.ema, self.batches[i % len(self.batches)])
     jax.block_until_ready(metrics["loss"])
     return n / (time.perf_counter() - t)
 
-  def sample(self):
+
+def tiny_trainer(tree, variant, num_batches=8):
+  """A Trainer of the tiny config's `variant` on ShapesWorld batches made beforehand."""
+  config = tiny_config(tree, variant)
+  tokenizer = tokenizer_lib.tokenizer_from_config(config)
+  it = iter(data.create_dataset(config.input, batch_size=config.batch_size, tokenize=tokenizer.encode, seed=0))
+  return Trainer(config, [next(it) for _ in range(num_batches)], state_lib.init_state, step_lib.make_train_step)
+
+
+def s2_trainer(variant):
+  """A Trainer of a DiT-MoE-S/2-shaped variant on random latents and labels."""
+  config = train_shapes.s2_config(TREE, variant)
+  batches = [train_shapes.s2_batch(config, seed) for seed in range(4)]
+  return Trainer(config, batches, class_cond.init_state, class_cond.make_train_step)
+
+
+class Sampler:
+  """The tiny variant's sampling pipeline on its EMA weights; `__call__` returns images/s."""
+
+  def __init__(self, trainer, batch):
+    config = trainer.config
+    self.pipe = TextToImagePipeline(config, jax.tree.map(np.asarray, trainer.ema), batch_size=batch)
+    self.prompts = (list(config.sample.prompts) * (batch // len(config.sample.prompts) + 1))[:batch]
+    self()
+
+  def __call__(self):
     t = time.perf_counter()
     images = self.pipe.generate(self.prompts, seed=0)
     return len(images) / (time.perf_counter() - t)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--sample_batch", type=int, default=64)
-  args = parser.parse_args()
-  if args.quick:
-    args.rounds, args.steps, args.sample_batch = 2, 5, 16
-  runners = {v: Runner(v, 8, args.sample_batch) for v in VARIANTS}
-  results = {v: {"train": [], "sample": []} for v in VARIANTS}
-  for r in range(args.rounds):
-    k = r % len(VARIANTS)
-    order = VARIANTS[k:] + VARIANTS[:k]
-    for v in order:
-      results[v]["train"].append(runners[v].train_steps(args.steps))
-      results[v]["sample"].append(runners[v].sample())
+def interleave(timers: dict, rounds: int) -> dict:
+  """{name: [one value per round]} of every timer, called in a rotated order each round."""
+  names = list(timers)
+  out = {k: [] for k in names}
+  for r in range(rounds):
+    k = r % len(names)
+    for name in names[k:] + names[:k]:
+      out[name].append(timers[name]())
+  return out
+
+
+def run_suites(args):
+  """Builds the selected suites, times them interleaved with the matmul, prints tables and JSON lines."""
+  matmul = train_shapes.Matmul()
+  print(f"ec_dit from {pathlib.Path(ec_dit.__file__).parent}", flush=True)
+  if args.suite in ("tiny", "both"):
+    tiny = {v: tiny_trainer(TREE, v) for v in TINY_VARIANTS}
+    timers = {"matmul": matmul.rate, **{v: (lambda tr=tr: tr.steps(args.steps)) for v, tr in tiny.items()}}
+    if not args.no_sample:
+      timers.update({f"{v}/sample": Sampler(tr, args.sample_batch) for v, tr in tiny.items()})
+    res = {k: statistics.median(vals) for k, vals in interleave(timers, args.rounds).items()}
+    print(f"float32 matmul {train_shapes.MATMUL_N}^2: {res['matmul'] / 1e9:.1f} GFLOP/s (median)")
+    print_tiny(tiny, res, res["matmul"], args)
+  if args.suite in ("s2", "both"):
+    run_s2(matmul, args)
+
+
+def run_s2(matmul, args):
+  """The S/2 variants one at a time (together they would need ~15 GB), each interleaved with the matmul.
+
+  Each variant's ratio to the matmul rate comes from rounds that alternate its
+  steps with the matmul; the step times of different variants are measured one
+  after the other, so compare them across variants with that in mind.
+  """
+  rows, rates = [], []
+  for v in train_shapes.S2_VARIANTS:
+    tr = s2_trainer(v)
+    res = interleave({"matmul": matmul.rate, v: lambda tr=tr: tr.steps(args.s2_steps)}, args.rounds)
+    rates.append(statistics.median(res["matmul"]))
+    rows.append(s2_row(v, tr, statistics.median(res[v]), rates[-1]))
+    print(json.dumps(rows[-1]), flush=True)
+    del tr
+  print_s2(rows)
+  print(json.dumps({"benchmark": "train_s2", "rounds": args.rounds, "steps_per_round": args.s2_steps,
+                    "matmul_flops_per_sec": statistics.median(rates), "variants": rows}))
+
+
+def print_tiny(tiny, res, rate, args):
   rows = []
-  print(f"{'variant':<8}{'steps/s':>10}{'train img/s':>13}{'sample img/s':>14}{'vs dense (train)':>18}")
-  dense_steps = statistics.median(results["dense"]["train"])
-  for v in VARIANTS:
-    c = runners[v].config
-    steps = statistics.median(results[v]["train"])
-    sample = statistics.median(results[v]["sample"])
+  print(f"{'variant':<9}{'steps/s':>9}{'train img/s':>13}{'sample img/s':>14}{'vs dense':>10}{'xla vs mm':>11}")
+  dense = res["dense"] if "dense" in res else float("nan")
+  for v, tr in tiny.items():
+    c, steps = tr.config, res[v]
+    flops = xla_flops(tr.compiled)
+    sample = res.get(f"{v}/sample", float("nan"))
     rows.append({"variant": v, "batch_size": c.batch_size, "steps_per_sec": round(steps, 3),
                  "train_images_per_sec": round(steps * c.batch_size, 1), "sample_images_per_sec": round(sample, 2),
                  "sampler": c.sample.sampler, "sample_steps": c.sample.num_steps,
-                 "guidance_scale": c.sample.guidance_scale, "guidance_parallel": c.sample.guidance_parallel,
-                 "train_time_vs_dense": round(dense_steps / steps, 3)})
-    print(f"{v:<8}{steps:>10.2f}{steps * c.batch_size:>13.1f}{sample:>14.2f}{dense_steps / steps:>17.2f}x")
+                 "train_time_vs_dense": round(dense / steps, 3), "xla_flops_per_step": flops,
+                 "xla_flops_vs_matmul": round(flops * steps / rate, 3)})
+    print(f"{v:<9}{steps:>9.2f}{steps * c.batch_size:>13.1f}{sample:>14.2f}{dense / steps:>9.2f}x"
+          f"{flops * steps / rate:>11.3f}")
   print(json.dumps({"benchmark": "train_tiny", "rounds": args.rounds, "steps_per_round": args.steps,
-                    "variants": rows}))
+                    "matmul_flops_per_sec": rate, "variants": rows}))
+
+
+def s2_row(v, tr, steps, rate):
+  """The JSON row of an S/2 variant timed at `steps` steps/s next to a matmul rate of `rate` FLOP/s."""
+  f = train_shapes.model_flops(tr.config)
+  achieved = f["train_per_step"] * steps
+  return {"variant": v, "batch_size": tr.config.batch_size, "step_ms": round(1e3 / steps, 1),
+          "fwd_flops_per_token": f["fwd_per_token"], "ffn_fwd_flops_per_token": f["ffn_fwd_per_token"],
+          "model_flops_per_step": f["train_per_step"], "model_flops_per_sec": achieved, "matmul_flops_per_sec": rate,
+          "model_flops_vs_matmul": round(achieved / rate, 3), "xla_flops_per_step": xla_flops(tr.compiled)}
+
+
+def print_s2(rows):
+  print(f"{'variant':<12}{'ms/step':>9}{'GFLOP/tok':>11}{'FFN GF/tok':>12}{'model GF/s':>12}{'matmul GF/s':>13}"
+        f"{'vs matmul':>11}{'xla GF/step':>13}")
+  for r in rows:
+    print(f"{r['variant']:<12}{r['step_ms']:>9.1f}{r['fwd_flops_per_token'] / 1e9:>11.4f}"
+          f"{r['ffn_fwd_flops_per_token'] / 1e9:>12.4f}{r['model_flops_per_sec'] / 1e9:>12.1f}"
+          f"{r['matmul_flops_per_sec'] / 1e9:>13.1f}{r['model_flops_vs_matmul']:>11.3f}"
+          f"{r['xla_flops_per_step'] / 1e9:>13.1f}")
+
+
+def worker(tree):
+  """Subprocess side of --ref_tree: compile the tiny default of `tree`, then time `n` steps per stdin line."""
+  trainer = tiny_trainer(pathlib.Path(tree), "ec")
+  print(f"ready {ec_dit.__file__}", flush=True)
+  for line in sys.stdin:
+    print(trainer.steps(int(line)), flush=True)
+
+
+def compare_trees(args):
+  """--ref_tree: alternating subprocesses of the reference tree and this one, medians and their ratio."""
+  procs = {}
+  for name, tree in (("ref", pathlib.Path(args.ref_tree).resolve()), ("new", TREE)):
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", str(tree)], env=env, cwd=str(tree),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  for name, p in procs.items():  # compile one after the other: each waits for its own "ready"
+    line = p.stdout.readline()
+    while line and not line.startswith("ready"):
+      line = p.stdout.readline()
+    print(f"{name}: {line.strip()}")
+
+  def timer(p):
+    p.stdin.write(f"{args.steps}\n")
+    p.stdin.flush()
+    return float(p.stdout.readline())
+
+  res = interleave({name: (lambda p=p: timer(p)) for name, p in procs.items()}, args.rounds)
+  for p in procs.values():
+    p.stdin.close()
+    p.wait()
+  ref, new = statistics.median(res["ref"]), statistics.median(res["new"])
+  print(f"tiny default (ec) steps/s, medians of {args.rounds} rounds of {args.steps} steps:")
+  print(f"  ref {args.ref_tree}: {ref:.3f}   new {TREE}: {new:.3f}   new/ref = {new / ref:.3f}x")
+  print(json.dumps({"benchmark": "train_tiny_vs_ref", "ref_tree": str(args.ref_tree), "new_tree": str(TREE),
+                    "rounds": args.rounds, "steps_per_round": args.steps, "ref_steps_per_sec": round(ref, 3),
+                    "new_steps_per_sec": round(new, 3), "speedup": round(new / ref, 3),
+                    "ref_rounds": [round(x, 3) for x in res["ref"]], "new_rounds": [round(x, 3) for x in res["new"]]}))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", choices=("tiny", "s2", "both"), default="both")
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--s2_steps", type=int, default=1, help="S/2 train steps per round (seconds each on a CPU)")
+  parser.add_argument("--sample_batch", type=int, default=64)
+  parser.add_argument("--no_sample", action="store_true", help="tiny suite: time training only")
+  parser.add_argument("--ref_tree", help="compare the tiny default's steps/s of this source tree with the current one")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.quick:
+    args.rounds, args.steps, args.sample_batch = 2, 3, 16
+  if args.worker:
+    worker(args.worker)
+  elif args.ref_tree:
+    compare_trees(args)
+  else:
+    run_suites(args)
 
 
 if __name__ == "__main__":

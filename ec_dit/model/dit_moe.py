@@ -106,7 +106,10 @@ class SparseMoE(nnx.Module):
   """DiT-MoE's `SparseMoeBlock`: routed bias-free SwiGLU experts plus one shared SwiGLU expert.
 
   `ffn.kind` picks the router: "token_choice" (DiT-MoE: top-k, dropless unless
-  `token_capacity_factor`) or "expert_choice" (EC-DiT). Returns (y, diagnostics).
+  `token_capacity_factor`) or "expert_choice" (EC-DiT). "dense" is the baseline
+  at matched compute: one bias-free SwiGLU of width `ffn.dense_mlp_ratio * d` and
+  no router (e.g. 10d = two routed 4d experts plus the 2d shared one); its
+  diagnostics are empty. Returns (y, diagnostics).
   """
 
   def __init__(self, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -114,6 +117,9 @@ class SparseMoE(nnx.Module):
     d = m.hidden_size
     common = dict(num_experts=f.num_experts, hidden=int(m.mlp_ratio * d), dispatch=f.dispatch,
                   group_size=f.routing_group_size, activation="swiglu", expert_bias=False, rngs=rngs, dtype=dtype)
+    if f.kind == "dense":
+      self.routed, self.shared = None, SwiGLU(d, int(f.dense_mlp_ratio * d), rngs=rngs, dtype=dtype)
+      return
     if f.kind == "token_choice":
       self.routed = moe_layers.TokenChoiceMoE(d, k=f.top_k, num_shared_experts=0,
                                               capacity_factor=f.token_capacity_factor,
@@ -123,11 +129,13 @@ class SparseMoE(nnx.Module):
       self.routed = moe_layers.ExpertChoiceMoE(d, train_capacity_factor=f.train_capacity_factor,
                                                eval_capacity_factor=f.eval_capacity_factor, **common)
     else:
-      raise ValueError(f"config.model.ffn.kind: must be token_choice or expert_choice for DiT-MoE, got {f.kind!r}")
+      raise ValueError(f"config.model.ffn.kind: must be token_choice, expert_choice or dense for DiT-MoE, got {f.kind!r}")
     n = f.num_shared_experts
     self.shared = SwiGLU(d, n * d, rngs=rngs, dtype=dtype) if n > 0 else None
 
   def __call__(self, x: jax.Array):
+    if self.routed is None:
+      return self.shared(x), {}
     y, diagnostics = self.routed(x, x)
     if self.shared is not None:
       # On rows [N, D], as `moe_layers.DenseMLP`: no transposed weight-gradient operands.
@@ -194,6 +202,8 @@ class DiTMoE(nnx.Module):
         h, diagnostics = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, h, c)
       else:
         h, diagnostics = block(h, c)
+      if not diagnostics:  # a dense FFN
+        continue
       moe[f"layer_{i:02d}"] = diagnostics
       aux_loss = aux_loss + m.ffn.router_z_loss_coef * diagnostics["router_z_loss"]
       if "balance_loss" in diagnostics and not self.deterministic:
