@@ -12,7 +12,7 @@ Suites (`--suite tiny|s2|both`)
     forward + backward + AdamW + EMA on random latents and labels. For each: the
     median step time and model FLOPs/s (counted analytically, train_shapes.py)
     divided by the rate of a jitted 2048 x 2048 float32 jnp.dot timed in the
-    same rounds ("vs matmul"; one variant at a time, see `run_s2`), and the activated FLOPs per token of the network
+    same rounds ("vs matmul"; all variants interleaved, see `run_s2`), and the activated FLOPs per token of the network
     and of its FFN alone (equal FFN FLOPs = matched activated compute).
     `xla_flops` is XLA's cost analysis of the compiled step, for comparison (it
     counts what is computed, including padding slots, elementwise ops and the optimizer).
@@ -160,23 +160,28 @@ def run_suites(args):
 
 
 def run_s2(matmul, args):
-  """The S/2 variants one at a time (together they would need ~15 GB), each interleaved with the matmul.
+  """The S/2 variants and the matmul, interleaved in the same rounds (all four held at once: ~17 GB).
 
-  Each variant's ratio to the matmul rate comes from rounds that alternate its
-  steps with the matmul; the step times of different variants are measured one
-  after the other, so compare them across variants with that in mind.
+  With `--s2_sequential` (for smaller machines) the variants are built one at a
+  time, each interleaved with the matmul only: their ratios to the matmul rate
+  hold, but step times of different variants then come from different minutes.
   """
   rows, rates = [], []
-  for v in train_shapes.S2_VARIANTS:
-    tr = s2_trainer(v)
-    res = interleave({"matmul": matmul.rate, v: lambda tr=tr: tr.steps(args.s2_steps)}, args.rounds)
+  groups = ([[v] for v in train_shapes.S2_VARIANTS] if args.s2_sequential else [list(train_shapes.S2_VARIANTS)])
+  for group in groups:
+    trainers = {v: s2_trainer(v) for v in group}
+    timers = {"matmul": matmul.rate}
+    timers.update({v: (lambda tr=tr: tr.steps(args.s2_steps)) for v, tr in trainers.items()})
+    res = interleave(timers, args.rounds)
     rates.append(statistics.median(res["matmul"]))
-    rows.append(s2_row(v, tr, statistics.median(res[v]), rates[-1]))
-    print(json.dumps(rows[-1]), flush=True)
-    del tr
+    for v, tr in trainers.items():
+      rows.append(s2_row(v, tr, statistics.median(res[v]), rates[-1]))
+      print(json.dumps(rows[-1]), flush=True)
+    del trainers, timers
   print_s2(rows)
   print(json.dumps({"benchmark": "train_s2", "rounds": args.rounds, "steps_per_round": args.s2_steps,
-                    "matmul_flops_per_sec": statistics.median(rates), "variants": rows}))
+                    "interleaved": not args.s2_sequential, "matmul_flops_per_sec": statistics.median(rates),
+                    "variants": rows}))
 
 
 def print_tiny(tiny, res, rate, args):
@@ -264,6 +269,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--s2_steps", type=int, default=1, help="S/2 train steps per round (seconds each on a CPU)")
+  parser.add_argument("--s2_sequential", action="store_true",
+                      help="build the S/2 variants one at a time (less memory; variants not interleaved)")
   parser.add_argument("--sample_batch", type=int, default=64)
   parser.add_argument("--no_sample", action="store_true", help="tiny suite: time training only")
   parser.add_argument("--ref_tree", help="compare the tiny default's steps/s of this source tree with the current one")

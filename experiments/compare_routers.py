@@ -19,8 +19,12 @@ for every variant), several seeds each, all for the same number of steps. Then:
     scored at its last checkpoint reached within W): compare_routers.md (a table and a
     verdict) and compare_routers.jsonl (one JSON object per variant and budget).
 
-Wall clock is the training loop's own time from metrics.jsonl (steps_per_sec per logged
-interval, compilation and checkpoint saves included), on whatever else the machine runs.
+Wall clock is steps x each variant's median train-step time, measured by this script in
+one process with the variants interleaved (`--timing_rounds` rounds of `--timing_steps`
+steps each, rotated order, after compiling), and cached in OUT/step_times.json: the runs
+themselves may share the machine with other work, so their own loop times (kept in the
+table as "loop time") are not comparable between variants. Delete step_times.json to
+re-measure (e.g. after a speed change; the trained runs need not be redone).
 
 It runs unattended and resumes where it stopped: each run has its own workdir
 (OUT/runs/<variant>_s<seed>), training resumes from its Orbax checkpoints, a finished
@@ -46,17 +50,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # The library's entry points, in one place:
+import jax
+
+from ec_dit import data, tokenizer as tokenizer_lib
 from ec_dit.geneval import harness, prompts as prompts_lib, scores as scores_lib
 from ec_dit.geneval.generate import evaluate_run as evaluate, generate_into
 from ec_dit.inference import TextToImagePipeline
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from ec_dit.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("ec", "tc", "dit_moe", "dense")
-# The budget, from step and sampling speeds measured on this 2-core machine alone (tiny config, batch 32;
-# experiments/benchmark_train.py): ec 4.3 and dense 4.3 train steps/s, tc 1.9, dit_moe ~1.6 (tc plus two
-# shared dense FFNs); sampling 13.7 (ec), 10.8 (dense), 4.5 (tc) images/s. 3 seeds x 700 steps is ~57 min
-# of training; scoring 308 images per run at two budgets ~20 min; compiling ~6 min: ~85 min in all.
+# The budget: at the step times of this 2-core machine alone (after issue 21: ec 4.6, dense 4.6, tc 3.6,
+# dit_moe 3.2 steps/s) 700 steps x 4 variants is ~12 min of training per seed; scoring 308 images per run
+# at two budgets ~1.5 min per run; compiling and timing ~6 min: ~70 min for 3 seeds, ~45 for 2.
 DEFAULT_STEPS = 700
 TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -89,8 +96,8 @@ def read_log(workdir: str) -> dict[int, dict]:
   return rows
 
 
-def curve(workdir: str):
-  """(steps, mse, cumulative seconds) of a run from its metrics.jsonl.
+def loop_curve(workdir: str):
+  """(steps, mse, cumulative loop seconds) of a run from its metrics.jsonl.
 
   The first interval keeps its compilation. A later interval slower than a third of
   the run's median rate is a restart after an interruption (recompiling, restoring):
@@ -107,6 +114,60 @@ def curve(workdir: str):
     seconds.append(total)
     last = s
   return np.array(steps), np.array([rows[s]["mse"] for s in steps]), np.array(seconds)
+
+
+def measure_step_times(args, variants) -> dict[str, float]:
+  """Median seconds per train step of each variant, interleaved in this process; cached in OUT/step_times.json.
+
+  Each variant's jitted step (forward, backward, optimizer, EMA) is compiled and run
+  once, then `args.timing_rounds` rounds time `args.timing_steps` steps of every variant
+  in a rotated order on prepared batches, so machine noise hits all alike.
+  """
+  path = os.path.join(args.out, "step_times.json")
+  cached = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+  todo = [v for v in variants if v not in cached.get("seconds_per_step", {})]
+  if not todo:
+    return cached["seconds_per_step"]
+  print(f"== timing train steps of {todo}, interleaved", flush=True)
+  runners = {}
+  for v in todo:
+    config = load_config(v, args, 0)
+    tokenize = tokenizer_lib.tokenizer_from_config(config).encode
+    batches = iter(data.create_dataset(config.input, batch_size=config.batch_size, tokenize=tokenize, seed=0))
+    tx = optimizers.make_optimizer(config)
+    graphdef, state, ema = state_lib.init_state(config, tx)
+    runners[v] = dict(step=step_lib.make_train_step(config, graphdef, tx), state=state, ema=ema,
+                      batches=[next(batches) for _ in range(4)])
+  samples = {v: [] for v in todo}
+
+  def run(v, n):
+    r = runners[v]
+    start = time.perf_counter()
+    for i in range(n):
+      r["state"], r["ema"], metrics = r["step"](r["state"], r["ema"], r["batches"][i % 4])
+    jax.block_until_ready(metrics["loss"])
+    return (time.perf_counter() - start) / n
+
+  for v in todo:
+    run(v, 2)  # compile and warm up
+  for k in range(args.timing_rounds):
+    for v in todo[k % len(todo):] + todo[:k % len(todo)]:
+      samples[v].append(run(v, args.timing_steps))
+  result = dict(cached.get("seconds_per_step", {}), **{v: statistics.median(samples[v]) for v in todo})
+  os.makedirs(args.out, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"seconds_per_step": result, "samples": dict(cached.get("samples", {}), **samples),
+               "rounds": args.timing_rounds, "steps_per_round": args.timing_steps}, f, indent=2)
+  return result
+
+
+def curve(workdir: str, seconds_per_step: float):
+  """(steps, mse, seconds, loop seconds): wall clock = steps x the interleaved step time."""
+  steps, mse, loop_seconds = loop_curve(workdir)
+  return steps, mse, steps * seconds_per_step, loop_seconds
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -172,12 +233,13 @@ def _fmt(mean, sd):
 
 def summarise(args, runs):
   """Scores at equal steps and equal wall clock; writes the PNG, the table and the JSON lines."""
+  step_times = measure_step_times(args, sorted({v for v, _, _ in runs}))
   by_variant: dict[str, list] = {}
   for variant, seed, workdir in runs:
     config = load_config(variant, args, seed)
-    steps, mse, seconds = curve(workdir)
+    steps, mse, seconds, loop_seconds = curve(workdir, step_times[variant])
     by_variant.setdefault(variant, []).append(dict(seed=seed, workdir=workdir, config=config, steps=steps,
-                                                   mse=mse, seconds=seconds))
+                                                   mse=mse, seconds=seconds, loop_seconds=loop_seconds))
   # Equal wall clock: the mean training time of the fastest variant (every variant has run that long).
   budget = min(statistics.fmean(r["seconds"][-1] for r in rs) for rs in by_variant.values())
   for variant, rs in by_variant.items():
@@ -189,13 +251,13 @@ def summarise(args, runs):
       r["at_budget"] = score_at(r["config"], r["workdir"], r["step_at_budget"]) if reached else None
   rows = []
   for variant, rs in by_variant.items():
-    sps = statistics.median(float(np.median(np.diff(r["steps"]) / np.diff(r["seconds"])))
-                            if len(r["steps"]) > 1 else float("nan") for r in rs)
+    sps = 1.0 / step_times[variant]
     final = _mean_sd([r["final"]["overall"] for r in rs])
     at_w = _mean_sd([r["at_budget"]["overall"] if r["at_budget"] else None for r in rs])
     tasks_final = {t: statistics.fmean(r["final"].get(t, 0.0) for r in rs) for t in TASK_ORDER}
     row = dict(variant=variant, seeds=[r["seed"] for r in rs], steps=args.steps, steps_per_sec=sps,
                train_seconds=statistics.fmean(r["seconds"][-1] for r in rs),
+               loop_seconds=statistics.fmean(r["loop_seconds"][-1] for r in rs),
                final_mse=statistics.fmean(float(np.mean(r["mse"][-5:])) for r in rs),
                score_equal_steps=final[0], score_equal_steps_sd=final[1], tasks_equal_steps=tasks_final,
                wall_clock_budget_seconds=budget, steps_at_budget=[r["step_at_budget"] for r in rs],
@@ -221,12 +283,14 @@ def summarise(args, runs):
 def format_table(rows, args, budget) -> str:
   lines = [f"Tiny ShapesWorld, {args.steps} steps, seeds {args.seeds}; GenEval-style score (% of tasks, "
            f"mean ± sd over seeds; per_task {args.per_task}, images per prompt {args.images_per_prompt}). "
-           f"Equal wall clock W = {budget:.0f} s of training.", "",
-           "| variant | steps/s | train time (s) | final MSE | score @ equal steps | steps within W | "
-           "score @ equal wall clock |", "|---|---|---|---|---|---|---|"]
+           f"Equal wall clock W = {budget:.0f} s of training at the interleaved step times (steps/s; "
+           f"loop time: the runs' own time on a shared machine, for reference).", "",
+           "| variant | steps/s | train time (s) | loop time (s) | final MSE | score @ equal steps | "
+           "steps within W | score @ equal wall clock |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     steps_w = "/".join("-" if s is None else str(s) for s in r["steps_at_budget"])
-    lines.append(f"| {r['variant']} | {r['steps_per_sec']:.2f} | {r['train_seconds']:.0f} | {r['final_mse']:.4f} | "
+    lines.append(f"| {r['variant']} | {r['steps_per_sec']:.2f} | {r['train_seconds']:.0f} | {r['loop_seconds']:.0f} | "
+                 f"{r['final_mse']:.4f} | "
                  f"{_fmt(r['score_equal_steps'], r['score_equal_steps_sd'])} | {steps_w} | "
                  f"{_fmt(r['score_equal_wall_clock'], r['score_equal_wall_clock_sd'])} |")
   lines.append("\n\"-\": no checkpoint of that run within W (its first checkpoint came later).")
@@ -265,7 +329,7 @@ def plot(by_variant, budget, path):
       ax.fill_between(x, mse.min(0), mse.max(0), color=f"C{i}", alpha=0.2)
   ax_time.axvline(budget, color="k", linestyle=":", linewidth=1, label="equal wall clock W")
   ax_steps.set_xlabel("training step")
-  ax_time.set_xlabel("training wall clock (s)")
+  ax_time.set_xlabel("training wall clock (s): steps x interleaved step time")
   ax_steps.set_ylabel("velocity MSE (smoothed)")
   for ax in (ax_steps, ax_time):
     ax.set_yscale("log")
@@ -285,6 +349,8 @@ def main():
                       help="checkpoints per run, all kept (the granularity of the equal-wall-clock score)")
   parser.add_argument("--per_task", type=int, default=25, help="GenEval-style prompts per task (25: 77 prompts)")
   parser.add_argument("--images_per_prompt", type=int, default=4)
+  parser.add_argument("--timing_rounds", type=int, default=5, help="interleaved rounds timing the train steps")
+  parser.add_argument("--timing_steps", type=int, default=20, help="train steps per variant per timing round")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   variants = [v for v in args.variants.split(",") if v]
