@@ -74,7 +74,7 @@ def make_ffn(index: int, model_config, *, rngs: nnx.Rngs, dtype):
     return moe_layers.TokenChoiceMoE(d, k=f.top_k, num_shared_experts=f.num_shared_experts,
                                      capacity_factor=f.token_capacity_factor,
                                      renormalize_gates=f.renormalize_gates,
-                                     dropless_impl=f.get("dropless_impl", "auto"), **common)
+                                     dropless_impl=f.dropless_impl, **common)
   raise ValueError(f"config.model.ffn.kind: unknown {f.kind!r}")
 
 

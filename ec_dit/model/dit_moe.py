@@ -99,7 +99,9 @@ class SwiGLU(nnx.Module):
     self.down = primitives.Linear(hidden, d, ("mlp", "embed"), use_bias=False, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    # On rows [N, D], as `moe_layers.DenseMLP`: no transposed weight-gradient operands.
+    x_nd = x.reshape(-1, x.shape[-1])
+    return self.down(jax.nn.silu(self.gate(x_nd)) * self.up(x_nd)).reshape(x.shape)
 
 
 class SparseMoE(nnx.Module):
@@ -124,7 +126,7 @@ class SparseMoE(nnx.Module):
       self.routed = moe_layers.TokenChoiceMoE(d, k=f.top_k, num_shared_experts=0,
                                               capacity_factor=f.token_capacity_factor,
                                               renormalize_gates=f.renormalize_gates,
-                                              dropless_impl=f.get("dropless_impl", "auto"), **common)
+                                              dropless_impl=f.dropless_impl, **common)
     elif f.kind == "expert_choice":
       self.routed = moe_layers.ExpertChoiceMoE(d, train_capacity_factor=f.train_capacity_factor,
                                                eval_capacity_factor=f.eval_capacity_factor, **common)
@@ -138,8 +140,7 @@ class SparseMoE(nnx.Module):
       return self.shared(x), {}
     y, diagnostics = self.routed(x, x)
     if self.shared is not None:
-      # On rows [N, D], as `moe_layers.DenseMLP`: no transposed weight-gradient operands.
-      y = y + self.shared(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+      y = y + self.shared(x)
     return y, diagnostics
 
 
