@@ -1,7 +1,7 @@
 """Grouped matmuls for dropless token choice: N rows sorted by expert, each row times its expert's weights.
 
 Letters: n rows (sorted by expert; `group_sizes[e]` rows for expert e), e
-experts, m tiles, t rows per tile, d input width, h output width.
+experts, t rows per tile, d input width, h output width.
 
 Two implementations of y[n] = x[n] @ w[expert(n)]:
 
@@ -11,30 +11,42 @@ Two implementations of y[n] = x[n] @ w[expert(n)]:
               RaggedDotRewriter; newer CUDA builds send the forward and input
               gradient to cuDNN but still the weight gradient to the dense
               form), so a top-k-of-E layer does E/k times its work.
-  tiles       Each expert's rows are padded up to a multiple of a tile of t
-              rows, so every tile belongs to one expert; a static count of
-              m = (n + e*(t-1)) // t tiles covers any group sizes. A `lax.scan`
-              over tiles multiplies each used tile by its expert's weights
-              (sliced, never gathered per tile) and skips unused tiles with
-              `lax.cond`. Its `custom_vjp` backward is a second scan that
-              writes each tile's dW into its expert's slice of one float32
-              accumulator, so nothing of size [e, d, h] is built per tile.
-              Cost: the routed rows plus at most t-1 padding rows per expert.
-              With experts sharded over devices the scan reads every expert's
+  tiles       `tile_matmul`: a loop over experts; for each, a loop over its rows
+              in tiles of t rows, read straight from the sorted rows (no padded
+              copy, no scatter into a tiled layout and no gather back). An
+              expert's last tile reads up to t-1 rows past its segment (the next
+              experts' rows, or t rows of zeros appended at the end); those
+              outputs are wrong for the rows they land on and are overwritten
+              when the next expert's tiles run, as the loop goes in expert order.
+              Each expert's weights are sliced once (not once per tile), and the
+              trip counts are the real tile counts, so nothing runs for empty
+              experts. Its `custom_vjp` backward is the same loop: dx tile by
+              tile (the spill again overwritten), dW of one expert summed in a
+              float32 [d, h] carried over its tiles, with the rows past its
+              segment masked out, then written once into dW[e].
+              Cost: the routed rows plus at most t-1 rows per expert.
+              With experts sharded over devices the loop reads every expert's
               weights, so XLA gathers them: correct, but not expert-parallel.
+
+Why this shape (DiT-MoE-S/2 train step on a 2-core CPU, jax.profiler; see
+docs/benchmarks.md): an earlier version padded each expert's rows into a
+[m, t, d] tiled layout and ran one `lax.scan` over all m tiles with `lax.cond`
+skipping unused ones. Its tile matmuls ran at the rate of expert choice's
+batched ones; what it paid on top was per tile: a [d, h] copy of the tile's
+expert weights (the dynamic slice feeding the dot is materialised), a read,
+add and write of that expert's slice of the [e, d, h] dW accumulator, and the
+loop's own copies; plus zero-filling and scattering into tiles and gathering
+back, around each SwiGLU.
 
 `impl="auto"` (`resolve_impl`) picks ragged_dot on TPU and tiles on every other
 backend. Usage (`ec_dit.moe.layers.Experts.ragged`):
 
-    plan = tile_plan(group_sizes, n, tile_size(n, e))
-    x_mtd = to_tiles(x_nd, plan)
-    y_mth = tile_matmul(x_mtd, w_edh, plan)    # + bias_edh[plan.tile_expert][:, None]
-    y_nh = from_tiles(y_mth, plan)
+    y_nh = tile_matmul(x_nd, w_edh, group_sizes, tile_size(n, e))
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,117 +69,102 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 def tile_size(num_rows: int, num_experts: int) -> int:
   """Rows per tile: the largest power of two <= n / (4e), within [8, 256].
 
-  Padding costs up to t-1 rows per expert, about e*t/2 rows on average, so
-  t <= n/(4e) keeps it near n/8 (12%); tiles much smaller than that pay more
-  per-tile loop overhead than they save. Measured on this 2-core CPU
-  (experiments/benchmark_dropless.py, fwd+bwd, medians of paired ratios): at
-  n = 4096, e = 8, t = 128 and 256 were within noise of each other over three
-  runs and 32 and 64 about 25% slower; at n = 256, e = 4, t = 16 beat 32 and 64.
+  An expert's last tile computes up to t-1 rows it throws away, about e*t/2
+  rows on average, so t <= n/(4e) keeps that near n/8 (12%); much smaller
+  tiles pay more per-tile loop overhead than they save.
   """
   target = max(1, num_rows // (4 * num_experts))
   return int(min(MAX_TILE, max(MIN_TILE, 1 << (target.bit_length() - 1))))
 
 
-class TilePlan(NamedTuple):
-  """Where each sorted row goes in the tiled layout [m, t, ...].
+def tile_matmul(x_nd: jax.Array, w_edh: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
+  """y[n] = x[n] @ w[expert(n)] for n rows sorted by expert: [n, d] x [e, d, h] -> [n, h].
 
-  tile_expert [m] int32: the expert of each tile (the last expert for unused tiles).
-  tile_used [m] bool: the tile holds at least one row.
-  slot_of_row [n] int32: the row's position in the flattened tiles (m*t past the end for
-    rows beyond sum(group_sizes), which are dropped and come back as 0, as in ragged_dot).
-  tile: t, static.
+  Rows past sum(group_sizes) come back as 0 (and get no gradient), as in ragged_dot.
   """
-  tile_expert: jax.Array
-  tile_used: jax.Array
-  slot_of_row: jax.Array
-  tile: int
-
-  @property
-  def num_tiles(self) -> int:
-    return self.tile_expert.shape[0]
+  return _tile_matmul(x_nd, w_edh, group_sizes.astype(jnp.int32), tile)
 
 
-def num_tiles(num_rows: int, num_experts: int, tile: int) -> int:
-  """m = (n + e*(t-1)) // t >= sum_e ceil(group_sizes[e] / t) for any group sizes summing to <= n."""
-  return (num_rows + num_experts * (tile - 1)) // tile
+def _segments(group_sizes):
+  ends = jnp.cumsum(group_sizes)
+  return ends - group_sizes, ends
 
 
-def tile_plan(group_sizes: jax.Array, num_rows: int, tile: int) -> TilePlan:
-  """The tiled layout of n rows sorted by expert with `group_sizes` [e] rows per expert."""
-  e = group_sizes.shape[0]
-  m = num_tiles(num_rows, e, tile)
-  group_sizes = group_sizes.astype(jnp.int32)
-  tiles_e = (group_sizes + tile - 1) // tile
-  tile_end_e = jnp.cumsum(tiles_e)
-  row_end_e = jnp.cumsum(group_sizes)
-  tile_m = jnp.arange(m, dtype=jnp.int32)
-  tile_expert = jnp.minimum(jnp.searchsorted(tile_end_e, tile_m, side="right"), e - 1).astype(jnp.int32)
-  row_n = jnp.arange(num_rows, dtype=jnp.int32)
-  expert_n = jnp.searchsorted(row_end_e, row_n, side="right")
-  valid_n = expert_n < e
-  expert_n = jnp.minimum(expert_n, e - 1)
-  first_tile_n = (tile_end_e - tiles_e)[expert_n]
-  rank_n = row_n - (row_end_e - group_sizes)[expert_n]
-  slot_n = jnp.where(valid_n, first_tile_n * tile + rank_n, m * tile).astype(jnp.int32)
-  return TilePlan(tile_expert, tile_m < tile_end_e[-1], slot_n, tile)
+def _rows_before(num_rows, end):
+  """[n, 1] bool: row < end."""
+  return (jnp.arange(num_rows) < end)[:, None]
 
 
-def to_tiles(x_nd: jax.Array, plan: TilePlan) -> jax.Array:
-  """[n, d] sorted rows -> [m, t, d]; padding rows are 0."""
-  m, t = plan.num_tiles, plan.tile
-  x_pd = jnp.zeros((m * t,) + x_nd.shape[1:], x_nd.dtype)
-  x_pd = x_pd.at[plan.slot_of_row].set(x_nd, indices_are_sorted=True, mode="drop")
-  return x_pd.reshape((m, t) + x_nd.shape[1:])
+def _pad(a, tile):
+  """t rows of zeros appended, so that a tile starting at any row < n stays in bounds (no clamping)."""
+  return jnp.pad(a, ((0, tile), (0, 0)))
 
 
-def from_tiles(y_mth: jax.Array, plan: TilePlan) -> jax.Array:
-  """[m, t, h] -> [n, h] in the sorted row order (0 for rows beyond sum(group_sizes))."""
-  y_ph = y_mth.reshape((-1,) + y_mth.shape[2:])
-  return y_ph.at[plan.slot_of_row].get(indices_are_sorted=True, mode="fill", fill_value=0)
+def _over_experts(group_sizes, tile, body, carry):
+  """for e in experts: carry = body(e, first row, end row, number of tiles, carry)."""
+  starts, ends = _segments(group_sizes)
+
+  def expert(e, carry):
+    return body(e, starts[e], ends[e], (group_sizes[e] + tile - 1) // tile, carry)
+
+  return lax.fori_loop(0, group_sizes.shape[0], expert, carry)
 
 
-def tile_matmul(x_mtd: jax.Array, w_edh: jax.Array, plan: TilePlan) -> jax.Array:
-  """y[m] = x[m] @ w[tile_expert[m]] for used tiles, 0 for unused: [m, t, d] x [e, d, h] -> [m, t, h]."""
-  return _tile_matmul(x_mtd, w_edh, plan.tile_expert, plan.tile_used)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tile_matmul(x_nd, w_edh, group_sizes, tile):
+  return _tile_matmul_fwd(x_nd, w_edh, group_sizes, tile)[0]
 
 
-@jax.custom_vjp
-def _tile_matmul(x_mtd, w_edh, tile_expert, tile_used):
-  return _tile_matmul_fwd(x_mtd, w_edh, tile_expert, tile_used)[0]
+def _tile_matmul_fwd(x_nd, w_edh, group_sizes, tile):
+  n = x_nd.shape[0]
+  x_pd = _pad(x_nd, tile)
+
+  def expert(e, start, _, tiles, y_ph):
+    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)  # one copy per expert
+
+    def tile_fn(i, y_ph):
+      r = start + i * tile
+      y_th = jnp.dot(lax.dynamic_slice_in_dim(x_pd, r, tile), w_dh)
+      return lax.dynamic_update_slice_in_dim(y_ph, y_th.astype(y_ph.dtype), r, 0)
+
+    return lax.fori_loop(0, tiles, tile_fn, y_ph)
+
+  y_ph = _over_experts(group_sizes, tile, expert, jnp.zeros((n + tile, w_edh.shape[2]), x_nd.dtype))
+  total = jnp.sum(group_sizes)
+  return jnp.where(_rows_before(n, total), y_ph[:n], 0), (x_nd, w_edh, group_sizes)
 
 
-def _tile_matmul_fwd(x_mtd, w_edh, tile_expert, tile_used):
-  t, h = x_mtd.shape[1], w_edh.shape[2]
+def _tile_matmul_bwd(tile, residuals, dy_nh):
+  """dx[n] = dy[n] @ w[e]^T; dw[e] = sum over e's rows of x[n]^T dy[n], in float32 over one expert's tiles."""
+  x_nd, w_edh, group_sizes = residuals
+  (n, d), h = x_nd.shape, w_edh.shape[2]
+  x_pd = _pad(x_nd, tile)
+  dy_ph = _pad(jnp.where(_rows_before(n, jnp.sum(group_sizes)), dy_nh, 0), tile)
+  mask_x = d <= h  # mask the narrower operand of the dW product
 
-  def tile_fn(_, tile):
-    x_td, e, used = tile
-    y_th = lax.cond(used,
-                    lambda: jnp.einsum("td,dh->th", x_td, lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)),
-                    lambda: jnp.zeros((t, h), x_td.dtype))
-    return None, y_th
+  def expert(e, start, end, tiles, carry):
+    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)
 
-  _, y_mth = lax.scan(tile_fn, None, (x_mtd, tile_expert, tile_used))
-  return y_mth, (x_mtd, w_edh, tile_expert, tile_used)
-
-
-def _tile_matmul_bwd(residuals, dy_mth):
-  """dx[m] = dy[m] @ w[e]^T; dw[e] += x[m]^T @ dy[m], accumulated in float32 in place."""
-  x_mtd, w_edh, tile_expert, tile_used = residuals
-
-  def tile_fn(dw_edh, tile):
-    x_td, dy_th, e, used = tile
-
-    def run(dw_edh):
-      w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)
-      dw_dh = lax.dynamic_index_in_dim(dw_edh, e, 0, keepdims=False)
+    def tile_fn(i, carry):
+      dx_pd, dw_dh = carry
+      r = start + i * tile
+      x_td, dy_th = lax.dynamic_slice_in_dim(x_pd, r, tile), lax.dynamic_slice_in_dim(dy_ph, r, tile)
+      dx_td = jnp.einsum("th,dh->td", dy_th, w_dh)
+      mine = (r + jnp.arange(tile) < end)[:, None]  # rows of this expert (the rest belong to the next)
+      if mask_x:
+        x_td = jnp.where(mine, x_td, 0)
+      else:
+        dy_th = jnp.where(mine, dy_th, 0)
       dw_dh = dw_dh + jnp.einsum("td,th->dh", x_td, dy_th, preferred_element_type=jnp.float32)
-      dx_td = jnp.einsum("th,dh->td", dy_th, w_dh).astype(x_td.dtype)
-      return lax.dynamic_update_index_in_dim(dw_edh, dw_dh, e, 0), dx_td
+      return lax.dynamic_update_slice_in_dim(dx_pd, dx_td.astype(dx_pd.dtype), r, 0), dw_dh
 
-    return lax.cond(used, run, lambda dw_edh: (dw_edh, jnp.zeros_like(x_td)), dw_edh)
+    dx_pd, dw_edh = carry
+    dx_pd, dw_dh = lax.fori_loop(0, tiles, tile_fn, (dx_pd, jnp.zeros((d, h), jnp.float32)))
+    return dx_pd, lax.dynamic_update_index_in_dim(dw_edh, dw_dh.astype(dw_edh.dtype), e, 0)
 
-  dw_edh, dx_mtd = lax.scan(tile_fn, jnp.zeros(w_edh.shape, jnp.float32), (x_mtd, dy_mth, tile_expert, tile_used))
-  return dx_mtd, dw_edh.astype(w_edh.dtype), None, None
+  dx_pd, dw_edh = _over_experts(group_sizes, tile, expert,
+                                (jnp.zeros((n + tile, d), x_nd.dtype), jnp.zeros_like(w_edh)))
+  return dx_pd[:n], dw_edh, None
 
 
 _tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
