@@ -73,9 +73,9 @@ def test_tiles_equal_ragged_dot_and_naive_in_values_and_gradients(activation, us
     assert not np.any(params["wi"][...][e]) and not np.any(params["wo"][...][e])
 
 
-@pytest.mark.parametrize("tile", [1, 3, 8, 64])
+@pytest.mark.parametrize("tile", [1, 3, 8, 64, (12, 6, 3), (32, 16, 8, 4, 2, 1)])
 def test_tile_matmul_equals_ragged_dot_at_any_tile_in_values_and_gradients(tile):
-  """Tiles that end inside the next expert's rows, or past the last row, change nothing."""
+  """Tiles that end inside the next expert's rows, or past the last row, or mix sizes, change nothing."""
   rng = np.random.default_rng(tile)
   for _ in range(5):
     sizes = jnp.asarray(rng.multinomial(40, rng.dirichlet(np.full(E, 0.3))), jnp.int32)
@@ -136,9 +136,11 @@ def test_auto_is_ragged_dot_on_tpu_only_and_bad_names_are_refused():
     schema.validate(config)
 
 
-def test_tile_size_follows_rows_per_expert():
-  assert grouped.tile_size(4096, 8) == 128   # DiT-MoE-S/2 at batch 8: n / (4e) = 128
-  assert grouped.tile_size(4000, 8) == 64    # a power of two <= n / (4e) = 125
-  assert grouped.tile_size(256, 4) == 16
-  assert grouped.tile_size(24, 4) == 8        # at least 8
-  assert grouped.tile_size(1 << 20, 8) == 256  # at most 256
+def test_tile_sizes_follow_rows_per_expert():
+  assert grouped.tile_sizes(4096, 8) == (512, 256, 128, 64)  # DiT-MoE-S/2 at batch 8: n/e down to n/(8e)
+  assert grouped.tile_sizes(4000, 8) == (256, 128, 64, 32)   # powers of two <= n/e and n/(8e)
+  assert grouped.tile_sizes(256, 4) == (64, 32, 16, 8)
+  assert grouped.tile_sizes(24, 4) == (8,)                    # at least 8
+  assert grouped.tile_sizes(1 << 24, 8) == (1024,)           # at most 1024
+  with pytest.raises(ValueError, match="half"):
+    grouped.tile_matmul(jnp.zeros((8, D)), jnp.zeros((E, D, H)), jnp.asarray([8, 0, 0, 0]), (8, 3))

@@ -115,8 +115,8 @@ class Experts(nnx.Module):
     if grouped.resolve_impl(impl) == "ragged_dot":
       matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)  # noqa: E731
     else:
-      tile = grouped.tile_size(x_nd.shape[0], group_sizes.shape[0])
-      matmul = lambda a, w: grouped.tile_matmul(a, w, group_sizes, tile)  # noqa: E731
+      tiles = grouped.tile_sizes(x_nd.shape[0], group_sizes.shape[0])
+      matmul = lambda a, w: grouped.tile_matmul(a, w, group_sizes, tiles)  # noqa: E731
     return self._mlp(x_nd, matmul, expert_of_row)
 
   def _mlp(self, x, matmul, bias_index):
