@@ -73,6 +73,21 @@ def test_tiles_equal_ragged_dot_and_naive_in_values_and_gradients(activation, us
     assert not np.any(params["wi"][...][e]) and not np.any(params["wo"][...][e])
 
 
+@pytest.mark.parametrize("tiles", [(1,), (3,), (16, 8, 4, 2)])
+def test_tile_mlp_at_other_tile_sizes_equals_naive(monkeypatch, tiles):
+  """The layer's fused tile loop with tiles overrunning into the next expert, or mixing sizes."""
+  monkeypatch.setattr(grouped, "tile_sizes", lambda n, e: tiles)
+  for activation in ("swiglu", "gelu"):
+    ex = _experts(activation, use_bias=True)
+    for sizes in [(5, 0, 12, 7), (1, 1, 1, 21)]:
+      expert_of_row = np.repeat(np.arange(E), sizes)
+      x = jnp.asarray(np.random.default_rng(2).standard_normal((sum(sizes), D)), jnp.float32)
+      ref = _loss_and_grads(ex, x, expert_of_row, jnp.asarray(sizes, jnp.int32), "naive")
+      got = _loss_and_grads(ex, x, expert_of_row, jnp.asarray(sizes, jnp.int32), "tiles")
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{activation} {sizes}")
+
+
 @pytest.mark.parametrize("tile", [1, 3, 8, 64, (12, 6, 3), (32, 16, 8, 4, 2, 1)])
 def test_tile_matmul_equals_ragged_dot_at_any_tile_in_values_and_gradients(tile):
   """Tiles that end inside the next expert's rows, or past the last row, or mix sizes, change nothing."""
