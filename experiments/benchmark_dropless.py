@@ -8,8 +8,8 @@ What is measured
   parameters (same seed):
 
     ragged_dot   dropless, `lax.ragged_dot` (on CPU: every expert on every row)
-    tiles        dropless, `ec_dit.moe.grouped` tiles at the automatic tile size
-    tiles_tN     the same at a forced tile of N rows (with --tiles)
+    tiles        dropless, `ec_dit.moe.grouped` tiles at the automatic tile sizes
+    tiles_tN     the same with tiles of N rows only; tiles_tN-M: of M, M/2, ..., N rows (with --tiles)
     cf2          token choice with capacity factor 2, gather dispatch (drops overflow)
     ec_cf2       expert choice with capacity factor 2, gather dispatch (for reference)
 
@@ -28,6 +28,7 @@ Shapes
 Usage
   python -m experiments.benchmark_dropless --shape s2 --repeats 7      # from the repository root
   python -m experiments.benchmark_dropless --shape tiny --repeats 21 --tiles 16,32,64
+  python -m experiments.benchmark_dropless --shape s2 --skip ragged_dot --tiles 128,64-256,64-512
 
 Output: one JSON line per shape starting with {"benchmark": "dropless".
 """
@@ -54,27 +55,27 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="s2", help=f"comma list of {sorted(SHAPES)}")
   p.add_argument("--repeats", type=int, default=7, help="timed rounds")
-  p.add_argument("--tiles", default="", help="comma list of forced tile sizes to time as well")
+  p.add_argument("--tiles", default="", help="comma list of forced tile sizes N or N-M (M down to N) to time as well")
   p.add_argument("--batch", type=int, default=0, help="images per step (0: the shape's)")
   p.add_argument("--skip", default="", help="comma list of layers not to time (e.g. ragged_dot, slow on CPU)")
   return p.parse_args(argv)
 
 
-def make_step(model: nnx.Module, x: jax.Array, tile: int = 0):
-  """Compiled value_and_grad of sum(y**2) w.r.t. (params, x), with the tile size forced while tracing."""
+def make_step(model: nnx.Module, x: jax.Array, tiles: tuple = ()):
+  """Compiled value_and_grad of sum(y**2) w.r.t. (params, x), with the tile sizes forced while tracing."""
   graphdef, state = nnx.split(model)
 
   def loss(state, x):
     y, _ = nnx.merge(graphdef, state)(x, x)
     return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-  automatic = grouped.tile_size
-  if tile:
-    grouped.tile_size = lambda n, e: tile
+  automatic = grouped.tile_sizes
+  if tiles:
+    grouped.tile_sizes = lambda n, e: tiles
   try:
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(state, x).compile()
   finally:
-    grouped.tile_size = automatic
+    grouped.tile_sizes = automatic
   return lambda: compiled(state, x)
 
 
@@ -82,18 +83,19 @@ def layers_for(shape: str, tiles):
   d, hidden, e, k, _, _ = SHAPES[shape]
   common = dict(num_experts=e, hidden=hidden, activation="swiglu", expert_bias=False, dispatch="gather")
   tc = lambda **kw: TokenChoiceMoE(d, k=k, rngs=nnx.Rngs(0), **common, **kw)  # noqa: E731
-  out = {"ragged_dot": (tc(dropless_impl="ragged_dot"), 0), "tiles": (tc(dropless_impl="tiles"), 0)}
-  for t in tiles:
-    out[f"tiles_t{t}"] = (tc(dropless_impl="tiles"), t)
-  out["cf2"] = (tc(capacity_factor=2.0), 0)
-  out["ec_cf2"] = (ExpertChoiceMoE(d, train_capacity_factor=2.0, rngs=nnx.Rngs(0), **common), 0)
+  out = {"ragged_dot": (tc(dropless_impl="ragged_dot"), ()), "tiles": (tc(dropless_impl="tiles"), ())}
+  for spec in tiles:
+    small, big = (int(v) for v in (spec.split("-") + [spec])[:2])
+    out[f"tiles_t{spec}"] = (tc(dropless_impl="tiles"), tuple(big >> k for k in range((big // small).bit_length())))
+  out["cf2"] = (tc(capacity_factor=2.0), ())
+  out["ec_cf2"] = (ExpertChoiceMoE(d, train_capacity_factor=2.0, rngs=nnx.Rngs(0), **common), ())
   return out
 
 
 def time_shape(shape: str, args) -> dict:
   d, hidden, e, k, s, b = SHAPES[shape]
   b = args.batch or b
-  tiles = [int(t) for t in args.tiles.split(",") if t]
+  tiles = [t for t in args.tiles.split(",") if t]
   x = jax.random.normal(jax.random.key(0), (b, s, d), jnp.float32)
   steps, losses = {}, {}
   skip = set(args.skip.split(","))
@@ -114,7 +116,7 @@ def time_shape(shape: str, args) -> dict:
       times[name].append(time.perf_counter() - t0)
   n = b * s * k
   out = {"benchmark": "dropless", "shape": shape, "backend": jax.default_backend(), "d": d, "hidden": hidden,
-         "experts": e, "k": k, "rows": n, "auto_tile": grouped.tile_size(n, e), "repeats": args.repeats,
+         "experts": e, "k": k, "rows": n, "auto_tiles": grouped.tile_sizes(n, e), "repeats": args.repeats,
          "ms": {name: round(1e3 * statistics.median(times[name]), 2) for name in names}}
   for ref in [r for r in ("ragged_dot", "cf2") if r in times]:
     out[f"ratio_to_{ref}"] = {name: round(statistics.median([t / u for t, u in zip(times[name], times[ref])]), 3)

@@ -1,4 +1,4 @@
-"""Dropless grouped matmuls: the tiled path against ragged_dot and a naive per-row loop, values and gradients."""
+"""Dropless grouped matmuls: the tiles path against ragged_dot and a naive per-row loop, values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -73,29 +73,47 @@ def test_tiles_equal_ragged_dot_and_naive_in_values_and_gradients(activation, us
     assert not np.any(params["wi"][...][e]) and not np.any(params["wo"][...][e])
 
 
-@pytest.mark.parametrize("tile", [1, 3, 8, 64])
-def test_tile_plan_gives_each_tile_one_expert_and_each_row_its_own_slot(tile):
+@pytest.mark.parametrize("tiles", [(1,), (3,), (16, 8, 4, 2)])
+def test_tile_mlp_at_other_tile_sizes_equals_naive(monkeypatch, tiles):
+  """The layer's fused tile loop with tiles overrunning into the next expert, or mixing sizes."""
+  monkeypatch.setattr(grouped, "tile_sizes", lambda n, e: tiles)
+  for activation in ("swiglu", "gelu"):
+    ex = _experts(activation, use_bias=True)
+    for sizes in [(5, 0, 12, 7), (1, 1, 1, 21)]:
+      expert_of_row = np.repeat(np.arange(E), sizes)
+      x = jnp.asarray(np.random.default_rng(2).standard_normal((sum(sizes), D)), jnp.float32)
+      ref = _loss_and_grads(ex, x, expert_of_row, jnp.asarray(sizes, jnp.int32), "naive")
+      got = _loss_and_grads(ex, x, expert_of_row, jnp.asarray(sizes, jnp.int32), "tiles")
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{activation} {sizes}")
+
+
+@pytest.mark.parametrize("tile", [1, 3, 8, 64, (12, 6, 3), (32, 16, 8, 4, 2, 1)])
+def test_tile_matmul_equals_ragged_dot_at_any_tile_in_values_and_gradients(tile):
+  """Tiles that end inside the next expert's rows, or past the last row, or mix sizes, change nothing."""
   rng = np.random.default_rng(tile)
   for _ in range(5):
-    sizes = rng.multinomial(40, rng.dirichlet(np.full(E, 0.3)))
-    plan = jax.jit(grouped.tile_plan, static_argnums=(1, 2))(jnp.asarray(sizes), 40, tile)
-    slots, tile_expert, used = (np.asarray(a) for a in (plan.slot_of_row, plan.tile_expert, plan.tile_used))
-    assert plan.num_tiles == grouped.num_tiles(40, E, tile)
-    assert len(set(slots.tolist())) == 40 and slots.max() < plan.num_tiles * tile
-    np.testing.assert_array_equal(tile_expert[slots // tile], np.repeat(np.arange(E), sizes))
-    assert used.sum() == sum(-(-s // tile) for s in sizes) and used[:used.sum()].all()
+    sizes = jnp.asarray(rng.multinomial(40, rng.dirichlet(np.full(E, 0.3))), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((40, D)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((E, D, H)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((40, H)), jnp.float32)
+    results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) * probe), argnums=(0, 1)))(x, w)
+               for f in (lambda x, w: grouped.tile_matmul(x, w, sizes, tile),
+                         lambda x, w: jax.lax.ragged_dot(x, w, sizes))]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-def test_tiled_matmul_matches_ragged_dot_when_rows_exceed_the_groups():
-  """Rows past sum(group_sizes) are 0, as ragged_dot gives them."""
+def test_tile_matmul_matches_ragged_dot_when_rows_exceed_the_groups():
+  """Rows past sum(group_sizes) are 0 and get no gradient, as ragged_dot gives them."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((10, D)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((E, D, H)), jnp.float32)
   sizes = jnp.asarray([3, 0, 2, 1], jnp.int32)
-  plan = grouped.tile_plan(sizes, 10, 2)
-  y = grouped.from_tiles(grouped.tile_matmul(grouped.to_tiles(x, plan), w, plan), plan)
+  y, vjp = jax.vjp(lambda x: grouped.tile_matmul(x, w, sizes, 2), x)
   np.testing.assert_allclose(y, jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
   assert not np.any(np.asarray(y)[6:])
+  assert not np.any(np.asarray(vjp(jnp.ones_like(y))[0])[6:])
 
 
 def test_token_choice_layer_is_the_same_with_either_dropless_impl():
@@ -133,9 +151,11 @@ def test_auto_is_ragged_dot_on_tpu_only_and_bad_names_are_refused():
     schema.validate(config)
 
 
-def test_tile_size_follows_rows_per_expert():
-  assert grouped.tile_size(4096, 8) == 128   # DiT-MoE-S/2 at batch 8: n / (4e) = 128
-  assert grouped.tile_size(4000, 8) == 64    # a power of two <= n / (4e) = 125
-  assert grouped.tile_size(256, 4) == 16
-  assert grouped.tile_size(24, 4) == 8        # at least 8
-  assert grouped.tile_size(1 << 20, 8) == 256  # at most 256
+def test_tile_sizes_follow_rows_per_expert():
+  assert grouped.tile_sizes(4096, 8) == (512, 256, 128, 64)  # DiT-MoE-S/2 at batch 8: n/e down to n/(8e)
+  assert grouped.tile_sizes(4000, 8) == (256, 128, 64, 32)   # powers of two <= n/e and n/(8e)
+  assert grouped.tile_sizes(256, 4) == (64, 32, 16, 8)
+  assert grouped.tile_sizes(24, 4) == (8,)                    # at least 8
+  assert grouped.tile_sizes(1 << 24, 8) == (1024,)           # at most 1024
+  with pytest.raises(ValueError, match="half"):
+    grouped.tile_matmul(jnp.zeros((8, D)), jnp.zeros((E, D, H)), jnp.asarray([8, 0, 0, 0]), (8, 3))

@@ -1,9 +1,9 @@
-"""Grouped matmuls for dropless token choice: N rows sorted by expert, each row times its expert's weights.
+"""Grouped matmuls for dropless token choice: N rows sorted by expert, each row through its own expert.
 
 Letters: n rows (sorted by expert; `group_sizes[e]` rows for expert e), e
-experts, m tiles, t rows per tile, d input width, h output width.
+experts, t rows per tile, d input width, h output width.
 
-Two implementations of y[n] = x[n] @ w[expert(n)]:
+Two implementations of y[n] = x[n] @ w[expert(n)] (and of the expert MLP built on it):
 
   ragged_dot  `jax.lax.ragged_dot`. On TPU it is the Mosaic grouped-matmul
               kernel and costs what the rows cost. Elsewhere XLA rewrites it
@@ -11,30 +11,56 @@ Two implementations of y[n] = x[n] @ w[expert(n)]:
               RaggedDotRewriter; newer CUDA builds send the forward and input
               gradient to cuDNN but still the weight gradient to the dense
               form), so a top-k-of-E layer does E/k times its work.
-  tiles       Each expert's rows are padded up to a multiple of a tile of t
-              rows, so every tile belongs to one expert; a static count of
-              m = (n + e*(t-1)) // t tiles covers any group sizes. A `lax.scan`
-              over tiles multiplies each used tile by its expert's weights
-              (sliced, never gathered per tile) and skips unused tiles with
-              `lax.cond`. Its `custom_vjp` backward is a second scan that
-              writes each tile's dW into its expert's slice of one float32
-              accumulator, so nothing of size [e, d, h] is built per tile.
-              Cost: the routed rows plus at most t-1 padding rows per expert.
-              With experts sharded over devices the scan reads every expert's
+  tiles       A loop over experts, in order; for each, a loop over its rows in
+              tiles read straight from the sorted rows (no padded copy, no
+              scatter into a tiled layout, no gather back): as many tiles of
+              the largest size as fit, then at most one of each smaller size
+              (each half the last), then one tile of the smallest size t for
+              what is left (`tile_sizes`, `_expert_tiles`). Only that last tile
+              overruns the expert's rows, by at most t-1 (into the next
+              experts' rows, or t rows of zeros appended at the end); what it
+              writes there is overwritten when the next expert's tiles run.
+              Each expert's weights are sliced once, not once per tile, and the
+              trip counts are the real tile counts (nothing runs for an empty
+              expert). The `custom_vjp` backward is the same loop: dx tile by
+              tile, and each expert's weight gradients summed in float32 over
+              its tiles (overrun rows masked out) and written once into its
+              slice of dW.
+              `tile_mlp` (what `ec_dit.moe.layers.Experts.ragged` runs) does
+              all three matmuls of a (SwiGLU or GELU) expert MLP on a tile in
+              one loop body, keeping the pre-activations for the backward, whose
+              loop body likewise does the whole MLP's gradient of the tile.
+              `tile_matmul` is the single grouped matmul, ragged_dot's drop-in.
+              Cost: the routed rows plus fewer than t rows per expert.
+              With experts sharded over devices the loop reads every expert's
               weights, so XLA gathers them: correct, but not expert-parallel.
 
-`impl="auto"` (`resolve_impl`) picks ragged_dot on TPU and tiles on every other
-backend. Usage (`ec_dit.moe.layers.Experts.ragged`):
+Why this shape (DiT-MoE-S/2 train step, 4096 rows, 8 experts, on a 2-core CPU;
+jax.profiler, experiments/benchmark_train.py): the first version padded each
+expert's rows into a [m, t, d] tiled layout and ran, per matmul, one
+`lax.scan` over all m = (n + e(t-1))/t tiles of 128 rows with `lax.cond`
+skipping unused ones. Its tile matmuls ran at about expert choice's rate, but
+per tile it also copied the tile's expert weights out of the stack (XLA
+materialises a dynamic slice feeding a dot), read, added and wrote back that
+expert's slice of an [e, d, h] dW accumulator, and paid loop and copy
+overhead; around each MLP it zero-filled and scattered into tiles and gathered
+back; and it computed about e*t/2 padding rows (12%). The train step ran at
+1.2-1.4x expert choice's (capacity factor 2). Looping over experts, reading
+rows in place, mixing big and small tiles and fusing the MLP brought it to
+expert choice's time (docs/benchmarks.md).
 
-    plan = tile_plan(group_sizes, n, tile_size(n, e))
-    x_mtd = to_tiles(x_nd, plan)
-    y_mth = tile_matmul(x_mtd, w_edh, plan)    # + bias_edh[plan.tile_expert][:, None]
-    y_nh = from_tiles(y_mth, plan)
+`impl="auto"` (`resolve_impl`) picks ragged_dot on TPU and tiles on every other
+backend. Usage:
+
+    tiles = tile_sizes(n, e)
+    y_nh = tile_matmul(x_nd, w_edh, group_sizes, tiles)
+    y_nd = tile_mlp(x_nd, group_sizes, tiles, {"wi": wi, "wg": wg, "wo": wo, "bi": None, "bo": None},
+                    lambda u, g: jax.nn.silu(g) * u)
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +68,7 @@ from jax import lax
 
 from ec_dit.schema.defaults import DROPLESS_IMPLS
 
-MIN_TILE, MAX_TILE = 8, 256
+MIN_TILE, MAX_TILE = 8, 1024
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
@@ -54,120 +80,233 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   return "ragged_dot" if (backend or jax.default_backend()) == "tpu" else "tiles"
 
 
-def tile_size(num_rows: int, num_experts: int) -> int:
-  """Rows per tile: the largest power of two <= n / (4e), within [8, 256].
+def tile_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
+  """Rows per tile, largest first: powers of two from about n/e down to about n/(8e), each half the last.
 
-  Padding costs up to t-1 rows per expert, about e*t/2 rows on average, so
-  t <= n/(4e) keeps it near n/8 (12%); tiles much smaller than that pay more
-  per-tile loop overhead than they save. Measured on this 2-core CPU
-  (experiments/benchmark_dropless.py, fwd+bwd, medians of paired ratios): at
-  n = 4096, e = 8, t = 128 and 256 were within noise of each other over three
-  runs and 32 and 64 about 25% slower; at n = 256, e = 4, t = 16 beat 32 and 64.
+  An expert's rows go in as many of the largest tiles as fit, then at most one
+  of each smaller size (`_expert_tiles`), so most rows run in big matmuls while
+  the rows computed for nothing (the last tile's overrun) stay below the
+  smallest tile: about e*t/2 rows on average, n/16 (6%) at t = n/(8e). Within
+  [8, 1024]. Measured on this 2-core CPU at the DiT-MoE-S/2 shape (n = 4096,
+  e = 8; fwd+bwd of the three SwiGLU matmuls as tile_matmul calls, interleaved, medians of paired
+  ratios to expert choice's batched matmuls): (512, 256, 128, 64) 0.89x, a
+  single size of 128 1.05x (more loop trips and per-tile dW additions, smaller
+  matmuls), (512, 256, 128) 1.03x (twice the overrun).
   """
-  target = max(1, num_rows // (4 * num_experts))
-  return int(min(MAX_TILE, max(MIN_TILE, 1 << (target.bit_length() - 1))))
+  def pow2_at_most(x):
+    return int(min(MAX_TILE, max(MIN_TILE, 1 << (max(1, x).bit_length() - 1))))
+
+  small, big = pow2_at_most(num_rows // (8 * num_experts)), pow2_at_most(num_rows // num_experts)
+  return tuple(big >> k for k in range((big // small).bit_length()))
 
 
-class TilePlan(NamedTuple):
-  """Where each sorted row goes in the tiled layout [m, t, ...].
+def tile_matmul(x_nd: jax.Array, w_edh: jax.Array, group_sizes: jax.Array, tiles) -> jax.Array:
+  """y[n] = x[n] @ w[expert(n)] for n rows sorted by expert: [n, d] x [e, d, h] -> [n, h].
 
-  tile_expert [m] int32: the expert of each tile (the last expert for unused tiles).
-  tile_used [m] bool: the tile holds at least one row.
-  slot_of_row [n] int32: the row's position in the flattened tiles (m*t past the end for
-    rows beyond sum(group_sizes), which are dropped and come back as 0, as in ragged_dot).
-  tile: t, static.
+  `tiles`: rows per tile, or a tuple of tile sizes each half the last (`tile_sizes`;
+  see `_expert_tiles`). Rows past sum(group_sizes) come back as 0 (and get no
+  gradient), as in ragged_dot.
   """
-  tile_expert: jax.Array
-  tile_used: jax.Array
-  slot_of_row: jax.Array
-  tile: int
-
-  @property
-  def num_tiles(self) -> int:
-    return self.tile_expert.shape[0]
+  return _tile_matmul(x_nd, w_edh, group_sizes.astype(jnp.int32), _sizes(tiles, x_nd.shape[0]))
 
 
-def num_tiles(num_rows: int, num_experts: int, tile: int) -> int:
-  """m = (n + e*(t-1)) // t >= sum_e ceil(group_sizes[e] / t) for any group sizes summing to <= n."""
-  return (num_rows + num_experts * (tile - 1)) // tile
+def _sizes(tiles, num_rows):
+  sizes = (tiles,) if isinstance(tiles, int) else tuple(tiles)
+  if any(a != 2 * b for a, b in zip(sizes, sizes[1:])):
+    raise ValueError(f"tile sizes must each be half the last, got {sizes}")
+  return tuple(t for t in sizes[:-1] if t <= num_rows) + sizes[-1:]  # none bigger than all the rows
 
 
-def tile_plan(group_sizes: jax.Array, num_rows: int, tile: int) -> TilePlan:
-  """The tiled layout of n rows sorted by expert with `group_sizes` [e] rows per expert."""
-  e = group_sizes.shape[0]
-  m = num_tiles(num_rows, e, tile)
-  group_sizes = group_sizes.astype(jnp.int32)
-  tiles_e = (group_sizes + tile - 1) // tile
-  tile_end_e = jnp.cumsum(tiles_e)
-  row_end_e = jnp.cumsum(group_sizes)
-  tile_m = jnp.arange(m, dtype=jnp.int32)
-  tile_expert = jnp.minimum(jnp.searchsorted(tile_end_e, tile_m, side="right"), e - 1).astype(jnp.int32)
-  row_n = jnp.arange(num_rows, dtype=jnp.int32)
-  expert_n = jnp.searchsorted(row_end_e, row_n, side="right")
-  valid_n = expert_n < e
-  expert_n = jnp.minimum(expert_n, e - 1)
-  first_tile_n = (tile_end_e - tiles_e)[expert_n]
-  rank_n = row_n - (row_end_e - group_sizes)[expert_n]
-  slot_n = jnp.where(valid_n, first_tile_n * tile + rank_n, m * tile).astype(jnp.int32)
-  return TilePlan(tile_expert, tile_m < tile_end_e[-1], slot_n, tile)
+def _rows_before(num_rows, end):
+  """[n, 1] bool: row < end."""
+  return (jnp.arange(num_rows) < end)[:, None]
 
 
-def to_tiles(x_nd: jax.Array, plan: TilePlan) -> jax.Array:
-  """[n, d] sorted rows -> [m, t, d]; padding rows are 0."""
-  m, t = plan.num_tiles, plan.tile
-  x_pd = jnp.zeros((m * t,) + x_nd.shape[1:], x_nd.dtype)
-  x_pd = x_pd.at[plan.slot_of_row].set(x_nd, indices_are_sorted=True, mode="drop")
-  return x_pd.reshape((m, t) + x_nd.shape[1:])
+def _pad(a, sizes):
+  """Rows of zeros appended, so that a last tile starting at any row < n stays in bounds (no clamping)."""
+  return jnp.pad(a, ((0, sizes[-1]), (0, 0)))
 
 
-def from_tiles(y_mth: jax.Array, plan: TilePlan) -> jax.Array:
-  """[m, t, h] -> [n, h] in the sorted row order (0 for rows beyond sum(group_sizes))."""
-  y_ph = y_mth.reshape((-1,) + y_mth.shape[2:])
-  return y_ph.at[plan.slot_of_row].get(indices_are_sorted=True, mode="fill", fill_value=0)
+def _expert_tiles(start, end, sizes, tile_fn, carry):
+  """`carry = tile_fn(r, t, carry)` on each tile of one expert's rows [start, end); returns the carry.
+
+  The rows are cut into as many tiles of sizes[0] rows as fit, then at most one
+  tile of each next size (each half the last, so what is left is then below
+  sizes[-1]), then, if rows remain, one more tile of sizes[-1] rows which runs
+  past `end`. A tile starts at row r and has t rows (static).
+  """
+  big = sizes[0]
+  full = (end - start) // big
+  carry = lax.fori_loop(0, full, lambda i, c: tile_fn(start + i * big, big, c), carry)
+  r = start + full * big
+  for t in sizes[1:]:
+    carry, r = lax.cond(end - r >= t, lambda c, r, t=t: (tile_fn(r, t, c), r + t), lambda c, r: (c, r), carry, r)
+  return lax.cond(end > r, lambda c: tile_fn(r, sizes[-1], c), lambda c: c, carry)
 
 
-def tile_matmul(x_mtd: jax.Array, w_edh: jax.Array, plan: TilePlan) -> jax.Array:
-  """y[m] = x[m] @ w[tile_expert[m]] for used tiles, 0 for unused: [m, t, d] x [e, d, h] -> [m, t, h]."""
-  return _tile_matmul(x_mtd, w_edh, plan.tile_expert, plan.tile_used)
+def _over_experts(group_sizes, expert_fn, carry):
+  """`carry = expert_fn(e, start, end, carry)` for e = 0, 1, ... (in order: a tile's spill is overwritten next)."""
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  return lax.fori_loop(0, group_sizes.shape[0], lambda e, c: expert_fn(e, starts[e], ends[e], c), carry)
 
 
-@jax.custom_vjp
-def _tile_matmul(x_mtd, w_edh, tile_expert, tile_used):
-  return _tile_matmul_fwd(x_mtd, w_edh, tile_expert, tile_used)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tile_matmul(x_nd, w_edh, group_sizes, sizes):
+  return _tile_matmul_fwd(x_nd, w_edh, group_sizes, sizes)[0]
 
 
-def _tile_matmul_fwd(x_mtd, w_edh, tile_expert, tile_used):
-  t, h = x_mtd.shape[1], w_edh.shape[2]
+def _tile_matmul_fwd(x_nd, w_edh, group_sizes, sizes):
+  n = x_nd.shape[0]
+  x_pd = _pad(x_nd, sizes)
 
-  def tile_fn(_, tile):
-    x_td, e, used = tile
-    y_th = lax.cond(used,
-                    lambda: jnp.einsum("td,dh->th", x_td, lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)),
-                    lambda: jnp.zeros((t, h), x_td.dtype))
-    return None, y_th
+  def expert(e, start, end, y_ph):
+    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)  # one copy per expert
 
-  _, y_mth = lax.scan(tile_fn, None, (x_mtd, tile_expert, tile_used))
-  return y_mth, (x_mtd, w_edh, tile_expert, tile_used)
+    def tile_fn(r, t, y_ph):
+      y_th = jnp.dot(lax.dynamic_slice_in_dim(x_pd, r, t), w_dh)
+      return lax.dynamic_update_slice_in_dim(y_ph, y_th.astype(y_ph.dtype), r, 0)
+
+    return _expert_tiles(start, end, sizes, tile_fn, y_ph)
+
+  y_ph = _over_experts(group_sizes, expert, jnp.zeros((n + sizes[-1], w_edh.shape[2]), x_nd.dtype))
+  return jnp.where(_rows_before(n, jnp.sum(group_sizes)), y_ph[:n], 0), (x_nd, w_edh, group_sizes)
 
 
-def _tile_matmul_bwd(residuals, dy_mth):
-  """dx[m] = dy[m] @ w[e]^T; dw[e] += x[m]^T @ dy[m], accumulated in float32 in place."""
-  x_mtd, w_edh, tile_expert, tile_used = residuals
+def _tile_matmul_bwd(sizes, residuals, dy_nh):
+  """dx[n] = dy[n] @ w[e]^T; dw[e] = sum over e's rows of x[n]^T dy[n], in float32 over one expert's tiles."""
+  x_nd, w_edh, group_sizes = residuals
+  (n, d), h = x_nd.shape, w_edh.shape[2]
+  x_pd = _pad(x_nd, sizes)
+  dy_ph = _pad(jnp.where(_rows_before(n, jnp.sum(group_sizes)), dy_nh, 0), sizes)
+  mask_x = d <= h  # mask the narrower operand of the dW product
 
-  def tile_fn(dw_edh, tile):
-    x_td, dy_th, e, used = tile
+  def expert(e, start, end, carry):
+    dx_pd, dw_edh = carry
+    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)
 
-    def run(dw_edh):
-      w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)
-      dw_dh = lax.dynamic_index_in_dim(dw_edh, e, 0, keepdims=False)
+    def tile_fn(r, t, carry):
+      dx_pd, dw_dh = carry
+      x_td, dy_th = lax.dynamic_slice_in_dim(x_pd, r, t), lax.dynamic_slice_in_dim(dy_ph, r, t)
+      dx_td = jnp.einsum("th,dh->td", dy_th, w_dh)
+      mine = (r + jnp.arange(t) < end)[:, None]  # rows of this expert (the rest belong to the next)
+      if mask_x:
+        x_td = jnp.where(mine, x_td, 0)
+      else:
+        dy_th = jnp.where(mine, dy_th, 0)
       dw_dh = dw_dh + jnp.einsum("td,th->dh", x_td, dy_th, preferred_element_type=jnp.float32)
-      dx_td = jnp.einsum("th,dh->td", dy_th, w_dh).astype(x_td.dtype)
-      return lax.dynamic_update_index_in_dim(dw_edh, dw_dh, e, 0), dx_td
+      return lax.dynamic_update_slice_in_dim(dx_pd, dx_td.astype(dx_pd.dtype), r, 0), dw_dh
 
-    return lax.cond(used, run, lambda dw_edh: (dw_edh, jnp.zeros_like(x_td)), dw_edh)
+    dx_pd, dw_dh = _expert_tiles(start, end, sizes, tile_fn, (dx_pd, jnp.zeros((d, h), jnp.float32)))
+    return dx_pd, lax.dynamic_update_index_in_dim(dw_edh, dw_dh.astype(dw_edh.dtype), e, 0)
 
-  dw_edh, dx_mtd = lax.scan(tile_fn, jnp.zeros(w_edh.shape, jnp.float32), (x_mtd, dy_mth, tile_expert, tile_used))
-  return dx_mtd, dw_edh.astype(w_edh.dtype), None, None
+  dx_pd, dw_edh = _over_experts(group_sizes, expert, (jnp.zeros((n + sizes[-1], d), x_nd.dtype), jnp.zeros_like(w_edh)))
+  return dx_pd[:n], dw_edh, None
 
 
 _tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+
+
+def tile_mlp(x_nd: jax.Array, group_sizes: jax.Array, tiles, params: dict, activation) -> jax.Array:
+  """Each row through its expert's MLP, for n rows sorted by expert: [n, d] -> [n, d].
+
+  y = activation(x @ wi[e] + bi[e], x @ wg[e]) @ wo[e] + bo[e], with params
+  {"wi", "wg", "wo", "bi", "bo"} stacked over experts ("wg", "bi", "bo" may be
+  None; `activation(u, g)` gets g = None then). One loop over the tiles does all
+  three matmuls of a tile (the tile's [t, h] hidden activations stay in cache;
+  u and g are kept for the backward), and its backward is one loop too.
+  """
+  sizes = _sizes(tiles, x_nd.shape[0])
+  return _tile_mlp(x_nd, group_sizes.astype(jnp.int32), params, sizes, activation)
+
+
+def _expert_params(params, e):
+  return {k: None if p is None else lax.dynamic_index_in_dim(p, e, 0, keepdims=False) for k, p in params.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tile_mlp(x_nd, group_sizes, params, sizes, activation):
+  return _tile_mlp_fwd(x_nd, group_sizes, params, sizes, activation)[0]
+
+
+def _tile_mlp_fwd(x_nd, group_sizes, params, sizes, activation):
+  n, d = x_nd.shape
+  h = params["wi"].shape[2]
+  x_pd = _pad(x_nd, sizes)
+  gated = params["wg"] is not None
+
+  def expert(e, start, end, carry):
+    p = _expert_params(params, e)
+
+    def tile_fn(r, t, carry):
+      y_pd, u_ph, g_ph = carry
+      x_td = lax.dynamic_slice_in_dim(x_pd, r, t)
+      u_th = jnp.dot(x_td, p["wi"])
+      if p["bi"] is not None:
+        u_th = u_th + p["bi"]
+      g_th = jnp.dot(x_td, p["wg"]) if gated else None
+      y_td = jnp.dot(activation(u_th, g_th), p["wo"])
+      if p["bo"] is not None:
+        y_td = y_td + p["bo"]
+      y_pd = lax.dynamic_update_slice_in_dim(y_pd, y_td.astype(y_pd.dtype), r, 0)
+      u_ph = lax.dynamic_update_slice_in_dim(u_ph, u_th, r, 0)
+      if gated:
+        g_ph = lax.dynamic_update_slice_in_dim(g_ph, g_th, r, 0)
+      return y_pd, u_ph, g_ph
+
+    return _expert_tiles(start, end, sizes, tile_fn, carry)
+
+  zeros = lambda w: jnp.zeros((n + sizes[-1], w), x_nd.dtype)  # noqa: E731
+  y_pd, u_ph, g_ph = _over_experts(group_sizes, expert, (zeros(d), zeros(h), zeros(h) if gated else None))
+  y_nd = jnp.where(_rows_before(n, jnp.sum(group_sizes)), y_pd[:n], 0)
+  return y_nd, (x_nd, group_sizes, params, u_ph, g_ph)
+
+
+def _tile_mlp_bwd(sizes, activation, residuals, dy_nd):
+  x_nd, group_sizes, params, u_ph, g_ph = residuals
+  n, d = x_nd.shape
+  x_pd = _pad(x_nd, sizes)
+  dy_pd = _pad(jnp.where(_rows_before(n, jnp.sum(group_sizes)), dy_nd, 0), sizes)
+  gated = params["wg"] is not None
+  f32 = lambda p: None if p is None else jnp.zeros(p.shape[1:], jnp.float32)  # noqa: E731
+
+  def expert(e, start, end, carry):
+    dx_pd, grads = carry
+    p = _expert_params(params, e)
+
+    def tile_fn(r, t, carry):
+      dx_pd, acc = carry
+      x_td = lax.dynamic_slice_in_dim(x_pd, r, t)
+      # rows past `end` belong to the next expert: with their dy zeroed every
+      # gradient below gets nothing from them (and their dx, written now, is overwritten next)
+      mine = (r + jnp.arange(t) < end)[:, None]
+      dy_td = jnp.where(mine, lax.dynamic_slice_in_dim(dy_pd, r, t), 0)
+      u_th = lax.dynamic_slice_in_dim(u_ph, r, t)
+      g_th = lax.dynamic_slice_in_dim(g_ph, r, t) if gated else None
+      a_th, act_vjp = jax.vjp(activation, u_th, g_th)
+      dot32 = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
+      acc = dict(acc)
+      acc["wo"] = acc["wo"] + dot32("th,td->hd", a_th, dy_td)
+      if acc["bo"] is not None:
+        acc["bo"] = acc["bo"] + jnp.sum(dy_td, axis=0, dtype=jnp.float32)
+      du_th, dg_th = act_vjp(jnp.einsum("td,hd->th", dy_td, p["wo"]))
+      acc["wi"] = acc["wi"] + dot32("td,th->dh", x_td, du_th)
+      if acc["bi"] is not None:
+        acc["bi"] = acc["bi"] + jnp.sum(du_th, axis=0, dtype=jnp.float32)
+      dx_td = jnp.einsum("th,dh->td", du_th, p["wi"])
+      if gated:
+        acc["wg"] = acc["wg"] + dot32("td,th->dh", x_td, dg_th)
+        dx_td = dx_td + jnp.einsum("th,dh->td", dg_th, p["wg"])
+      return lax.dynamic_update_slice_in_dim(dx_pd, dx_td.astype(dx_pd.dtype), r, 0), acc
+
+    dx_pd, acc = _expert_tiles(start, end, sizes, tile_fn, (dx_pd, {k: f32(v) for k, v in params.items()}))
+    grads = {k: None if g is None else lax.dynamic_update_index_in_dim(g, acc[k].astype(g.dtype), e, 0)
+             for k, g in grads.items()}
+    return dx_pd, grads
+
+  grads0 = {k: None if p is None else jnp.zeros_like(p) for k, p in params.items()}
+  dx_pd, grads = _over_experts(group_sizes, expert, (jnp.zeros((n + sizes[-1], d), x_nd.dtype), grads0))
+  return dx_pd[:n], None, grads
+
+
+_tile_mlp.defvjp(_tile_mlp_fwd, _tile_mlp_bwd)

@@ -43,6 +43,18 @@ class DenseMLP(nnx.Module):
     return y.reshape(x.shape[:-1] + y.shape[-1:]), {}
 
 
+def _swiglu(u, g):
+  return jax.nn.silu(g) * u
+
+
+def _gelu(u, g):
+  del g
+  return primitives.gelu(u)
+
+
+_ACTIVATION_OF = {"swiglu": _swiglu, "gelu": _gelu}  # activation(x @ wi + bi, x @ wg) of an expert
+
+
 class Experts(nnx.Module):
   """E expert MLPs stored stacked: wi [E, D, H], wo [E, H, D] (biases bi, bo unless `use_bias=False`).
 
@@ -108,17 +120,16 @@ class Experts(nnx.Module):
     """Rows sorted by expert, `group_sizes[e]` rows for expert e: [N, D] -> [N, D], no row dropped.
 
     `impl` (see `ec_dit.moe.grouped`): "ragged_dot" (grouped matmuls; a kernel on
-    TPU, every expert on every row elsewhere), "tiles" (per-expert tiles, cost
-    follows the rows) or "auto" (ragged_dot on TPU, tiles elsewhere).
+    TPU, every expert on every row elsewhere), "tiles" (a loop over each expert's rows in
+    tiles, cost follows the rows) or "auto" (ragged_dot on TPU, tiles elsewhere).
     """
     x_nd = x_nd.astype(self.dtype)
     if grouped.resolve_impl(impl) == "ragged_dot":
       return self._mlp(x_nd, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes), expert_of_row)
-    n, e = x_nd.shape[0], group_sizes.shape[0]
-    plan = grouped.tile_plan(group_sizes, n, grouped.tile_size(n, e))
-    y_mtd = self._mlp(grouped.to_tiles(x_nd, plan), lambda a, w: grouped.tile_matmul(a, w, plan),
-                      (plan.tile_expert, None))
-    return grouped.from_tiles(y_mtd, plan)
+    params = {name: None if getattr(self, name) is None else self._w(getattr(self, name))
+              for name in ("wi", "wg", "wo", "bi", "bo")}
+    tiles = grouped.tile_sizes(x_nd.shape[0], group_sizes.shape[0])
+    return grouped.tile_mlp(x_nd, group_sizes, tiles, params, _ACTIVATION_OF[self.activation])
 
   def _mlp(self, x, matmul, bias_index):
     """The expert MLP with `matmul(x, w_stacked)` picking each row's expert and biases `b[bias_index]`."""
