@@ -1,5 +1,6 @@
-"""The hand-written gradients of `primitives.matmul` and `primitives.layer_norm` equal autodiff's, and
-DiT-MoE's dense FFN kind (the matched-compute baseline of experiments/benchmark_train.py)."""
+"""The hand-written gradients of `primitives.matmul`, `primitives.layer_norm` and `primitives.gelu`
+equal autodiff's of the plain formulas, and DiT-MoE's dense FFN kind (the
+matched-compute baseline of experiments/benchmark_train.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,16 @@ def test_matmul_and_its_gradients_equal_jnp_dot(shape):
   for a, b in zip(ours, ref):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_and_its_gradient_equal_jax_nn_gelu_tanh():
+  x = inputs((4, 64, 33), scale=4.0)  # covers both tails, where tanh saturates
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))  # noqa: E731
+  ref_fn = lambda x: jax.nn.gelu(x, approximate=True)  # noqa: E731
+  np.testing.assert_array_equal(primitives.gelu(x), ref_fn(x))
+  np.testing.assert_allclose(jax.grad(loss(primitives.gelu))(x), jax.grad(loss(ref_fn))(x), rtol=1e-5, atol=1e-5)
+  xb = x.astype(jnp.bfloat16)
+  assert jax.grad(lambda x: jnp.sum(primitives.gelu(x).astype(jnp.float32)))(xb).dtype == jnp.bfloat16
 
 
 def test_dit_moe_dense_kind_is_one_swiglu_without_router_or_diagnostics():

@@ -31,10 +31,12 @@ def attend(q, k, v, mask=None):
   """Softmax attention. q [B, T, N, H], k/v [B, S, N, H], mask [B, S] bool (True = attend).
 
   Logits and softmax in float32. Rows whose keys are all masked (an empty
-  prompt with no tokens) return zeros instead of NaN.
+  prompt with no tokens) return zeros instead of NaN. The 1/sqrt(H) scale is
+  applied to q ([B, T, N, H]) rather than to the logits ([B, N, T, S]): less
+  memory traffic whenever S > H.
   """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+  logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k).astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, -1e30)
   weights = jax.nn.softmax(logits, axis=-1)
