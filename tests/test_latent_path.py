@@ -138,7 +138,9 @@ def _free_port() -> int:
 
 def test_prepare_with_two_processes_gives_the_same_examples(prepared, assets, tmp_path):
   out, port = tmp_path / "two", _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  # no compilation cache (tests/conftest.py sets one): both processes compile, so they reach collectives together
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_ENABLE_COMPILATION_CACHE="false")
   procs = [subprocess.Popen(_prepare_cmd(assets, out, f"--coordinator_address=localhost:{port}",
                                          "--num_processes=2", f"--process_id={i}"),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -41,8 +41,10 @@ def _free_port() -> int:
 
 def _start_two_processes(workdir, num_train_steps, stderr=(subprocess.PIPE, subprocess.PIPE), **overrides):
   port = _free_port()
+  # No compilation cache (tests/conftest.py sets one): a process that finds its program there reaches the
+  # first collective while the other still compiles, and gloo gives up waiting after 30 s on a busy machine.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
+             PYTHONPATH=str(REPO), JAX_ENABLE_COMPILATION_CACHE="false")
   flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps, **overrides).items()]
   return [subprocess.Popen(
       [sys.executable, "-m", "ec_dit.main", f"--config={REPO / 'tests' / 'micro_config.py'}",
@@ -98,14 +100,21 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_ex
   _launch_two_processes(ref, steps, **cadence)
   logs = [open(tmp_path / f"p{i}.txt", "w+") for i in range(2)]
   procs = _start_two_processes(run, steps, stderr=logs, **cadence)
-  deadline = time.time() + 300
-  while not ((run / "metrics.jsonl").exists() and read_losses(run) and max(read_losses(run)) >= 3):
-    assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "p0.txt").read_text()[-3000:]
-    time.sleep(0.1)
-  procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
-  for i, p in enumerate(procs):
-    p.communicate(timeout=300)
-    assert p.returncode == 0, f"process {i}: " + (tmp_path / f"p{i}.txt").read_text()[-3000:]
+  try:
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and read_losses(run) and max(read_losses(run)) >= 3):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), (
+          (tmp_path / "p0.txt").read_text()[-3000:] + (tmp_path / "p1.txt").read_text()[-3000:])
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+    for i, p in enumerate(procs):
+      p.communicate(timeout=300)
+      assert p.returncode == 0, f"process {i}: " + (tmp_path / f"p{i}.txt").read_text()[-3000:]
+  finally:  # a failed start must not leave the other process waiting for its peer
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   err0, err1 = ((tmp_path / f"p{i}.txt").read_text() for i in range(2))
   (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir()]  # one step, saved by both processes
   assert saved < steps and f"a stop request on another process at step {saved}: saving" in err0
