@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import checkpoint, distributed, inference, inference_class, routing_maps, schema
+from ec_dit import checkpoint, distributed, host_memory, inference, inference_class, routing_maps, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
@@ -99,6 +99,7 @@ def parse_flags(argv):
 
 def main(argv):
   try:
+    host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
     run(argv)
   except USER_ERRORS as e:
     sys.exit(f"error: {e}")

@@ -154,6 +154,35 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis, in float32, with the closed-form gradient p * (g - sum(g * p)).
+
+  The forward equals `jax.nn.softmax(x, axis=-1)`; the backward keeps only the
+  probabilities p, one fused pass over the [B, N, T, S] attention weights, where
+  autodiff of exp and divide keeps the exponentials and a materialised
+  broadcast of 1 / sum for several passes (tests/test_primitives.py).
+  """
+  return _softmax(x.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _softmax(x):
+  return _softmax_fwd(x)[0]
+
+
+def _softmax_fwd(x):
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  p = e / jnp.sum(e, axis=-1, keepdims=True)
+  return p, p
+
+
+def _softmax_bwd(p, g):
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def compute_dtype(name: str):
   """Maps the config's dtype name to a jnp dtype."""
   table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

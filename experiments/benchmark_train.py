@@ -22,12 +22,20 @@ How
   round the matmul and every variant run (`--steps` train steps, one sampling
   batch) in a rotated order, so machine noise hits all alike. Medians over rounds.
 
+Host memory (`--host_malloc reuse|default`)
+  `reuse` (the default) sets the process's malloc as `python -m ec_dit.main` does
+  (ec_dit/host_memory.py: XLA:CPU's per-step temporaries are reused, not page-faulted
+  in every step); `default` leaves glibc's malloc as it is.
+
 Old vs new (`--ref_tree DIR`)
   Trains the tiny default (ec) with the source tree DIR (e.g. an older checkout:
   `git worktree add /tmp/ref_main <commit>`) and with this one, each in its own
-  long-lived subprocess (PYTHONPATH = its tree) that compiles once; the two
-  then take turns, one timing round at a time, so they never run together.
-  Prints the median steps/s of each and the ratio new/old.
+  long-lived subprocess (PYTHONPATH = its tree) that compiles once; they then
+  take turns, one timing round at a time, so they never run together. Each tree
+  runs as its own `ec_dit.main` would (a tree without ec_dit/host_memory.py keeps
+  glibc's malloc); a third process runs this tree with `--host_malloc default`,
+  to separate the code's speedup from the allocator's. Prints the median steps/s
+  of each and the ratios to the old.
 
 Usage
   python experiments/benchmark_train.py                  # both suites, ~30 minutes on 2 busy cores
@@ -42,6 +50,7 @@ Output: a table per suite, then JSON lines starting with {"benchmark": "train_ti
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -223,8 +232,17 @@ def print_s2(rows):
           f"{r['xla_flops_per_step'] / 1e9:>13.1f}")
 
 
-def worker(tree):
+def set_host_malloc(choice: str) -> bool:
+  """Applies `ec_dit.host_memory.reuse_freed_memory()` for "reuse" when the imported ec_dit has it (an old
+  --ref_tree may not); True if it was applied. Call before JAX's first computation."""
+  if choice != "reuse" or importlib.util.find_spec("ec_dit.host_memory") is None:
+    return False
+  return importlib.import_module("ec_dit.host_memory").reuse_freed_memory()
+
+
+def worker(tree, host_malloc):
   """Subprocess side of --ref_tree: compile the tiny default of `tree`, then time `n` steps per stdin line."""
+  set_host_malloc(host_malloc)
   trainer = tiny_trainer(pathlib.Path(tree), "ec")
   print(f"ready {ec_dit.__file__}", flush=True)
   for line in sys.stdin:
@@ -234,10 +252,12 @@ def worker(tree):
 def compare_trees(args):
   """--ref_tree: alternating subprocesses of the reference tree and this one, medians and their ratio."""
   procs = {}
-  for name, tree in (("ref", pathlib.Path(args.ref_tree).resolve()), ("new", TREE)):
+  runs = (("ref", pathlib.Path(args.ref_tree).resolve(), "reuse"), ("new", TREE, "reuse"),
+          ("new_default_malloc", TREE, "default"))
+  for name, tree, host_malloc in runs:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", str(tree)], env=env, cwd=str(tree),
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", str(tree), "--host_malloc", host_malloc],
+                                   env=env, cwd=str(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   for name, p in procs.items():  # compile one after the other: each waits for its own "ready"
     line = p.stdout.readline()
     while line and not line.startswith("ready"):
@@ -253,13 +273,17 @@ def compare_trees(args):
   for p in procs.values():
     p.stdin.close()
     p.wait()
-  ref, new = statistics.median(res["ref"]), statistics.median(res["new"])
+  med = {name: statistics.median(values) for name, values in res.items()}
+  ref, new, new_default = med["ref"], med["new"], med["new_default_malloc"]
   print(f"tiny default (ec) steps/s, medians of {args.rounds} rounds of {args.steps} steps:")
   print(f"  ref {args.ref_tree}: {ref:.3f}   new {TREE}: {new:.3f}   new/ref = {new / ref:.3f}x")
+  print(f"  new with glibc's default malloc: {new_default:.3f}   = {new_default / ref:.3f}x ref")
   print(json.dumps({"benchmark": "train_tiny_vs_ref", "ref_tree": str(args.ref_tree), "new_tree": str(TREE),
                     "rounds": args.rounds, "steps_per_round": args.steps, "ref_steps_per_sec": round(ref, 3),
                     "new_steps_per_sec": round(new, 3), "speedup": round(new / ref, 3),
-                    "ref_rounds": [round(x, 3) for x in res["ref"]], "new_rounds": [round(x, 3) for x in res["new"]]}))
+                    "new_default_malloc_steps_per_sec": round(new_default, 3),
+                    "speedup_default_malloc": round(new_default / ref, 3),
+                    **{f"{name}_rounds": [round(x, 3) for x in values] for name, values in res.items()}}))
 
 
 def main():
@@ -274,15 +298,18 @@ def main():
   parser.add_argument("--sample_batch", type=int, default=64)
   parser.add_argument("--no_sample", action="store_true", help="tiny suite: time training only")
   parser.add_argument("--ref_tree", help="compare the tiny default's steps/s of this source tree with the current one")
+  parser.add_argument("--host_malloc", choices=("reuse", "default"), default="reuse",
+                      help="reuse: malloc set as `python -m ec_dit.main` sets it (ec_dit/host_memory.py)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
     args.rounds, args.steps, args.sample_batch = 2, 3, 16
   if args.worker:
-    worker(args.worker)
+    worker(args.worker, args.host_malloc)
   elif args.ref_tree:
     compare_trees(args)
   else:
+    print(f"host malloc: {args.host_malloc} (applied: {set_host_malloc(args.host_malloc)})", flush=True)
     run_suites(args)
 
 

@@ -31,6 +31,26 @@ def test_newton_schulz_pushes_every_singular_value_towards_one(shape):
   assert np.all(np.diag(u.T @ np.asarray(out, np.float64) @ v[:shape[0]].T) > 0.5)
 
 
+def reference_newton_schulz(x, steps):
+  """The iteration as Jordan et al. write it, on the m x n matrices."""
+  a, b, c = muon.NS_COEFFS
+  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True)) + 1e-7)
+  for _ in range(steps):
+    gram = x @ jnp.swapaxes(x, 1, 2)
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x
+
+
+@pytest.mark.parametrize("shape,steps,gram", [((3, 32, 256), 3, True), ((2, 16, 48), 5, True),
+                                              ((2, 32, 40), 3, False), ((2, 16, 16), 5, False)])
+def test_newton_schulz_equals_the_plain_iteration(shape, steps, gram):
+  x = jax.random.normal(jax.random.key(0), shape)
+  x = x.at[:, :, :3].multiply(30.0)  # a few large singular values, many small ones
+  assert muon._gram_is_cheaper(shape[1], shape[2], steps) == gram
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(muon.newton_schulz(x, steps), reference_newton_schulz(x, steps), rtol=1e-4, atol=2e-5)
+
+
 def test_orthogonalize_groups_equal_to_one_matrix_at_a_time_and_matches_adamw_rms():
   rng = np.random.default_rng(1)
   tree = {"a": rng.normal(size=(16, 48)), "b": rng.normal(size=(48, 16)),  # transposed twin

@@ -1,5 +1,5 @@
-"""The hand-written gradients of `primitives.matmul`, `primitives.layer_norm` and `primitives.gelu`
-equal autodiff's of the plain formulas, and DiT-MoE's dense FFN kind (the
+"""The hand-written gradients of `primitives.matmul`, `primitives.layer_norm`, `primitives.gelu` and
+`primitives.softmax` equal autodiff's of the plain formulas, and DiT-MoE's dense FFN kind (the
 matched-compute baseline of experiments/benchmark_train.py)."""
 
 import jax
@@ -60,6 +60,21 @@ def test_gelu_and_its_gradient_equal_jax_nn_gelu_tanh():
   np.testing.assert_allclose(jax.grad(loss(primitives.gelu))(x), jax.grad(loss(ref_fn))(x), rtol=1e-5, atol=1e-5)
   xb = x.astype(jnp.bfloat16)
   assert jax.grad(lambda x: jnp.sum(primitives.gelu(x).astype(jnp.float32)))(xb).dtype == jnp.bfloat16
+
+
+def test_softmax_and_its_gradient_equal_jax_nn_softmax():
+  x = inputs((3, 4, 16, 12), scale=5.0)
+  x = jnp.where(jnp.arange(12) < 9, x, -1e30)  # masked keys, as attention's padding mask writes them
+  weights = jax.random.normal(jax.random.key(7), x.shape)
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x) * weights))  # noqa: E731
+  ref_fn = lambda x: jax.nn.softmax(x, axis=-1)  # noqa: E731
+  np.testing.assert_array_equal(primitives.softmax(x), ref_fn(x))
+  grad, ref_grad = jax.grad(loss(primitives.softmax))(x), jax.grad(loss(ref_fn))(x)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(grad)[..., 9:] == 0)  # masked keys get no gradient
+  xb = x.astype(jnp.bfloat16)
+  assert primitives.softmax(xb).dtype == jnp.float32
+  assert jax.grad(lambda x: jnp.sum(primitives.softmax(x)[..., 0]))(xb).dtype == jnp.bfloat16
 
 
 def test_dit_moe_dense_kind_is_one_swiglu_without_router_or_diagnostics():

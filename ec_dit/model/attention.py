@@ -39,7 +39,7 @@ def attend(q, k, v, mask=None):
   logits = jnp.einsum("btnh,bsnh->bnts", q * scale, k).astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, -1e30)
-  weights = jax.nn.softmax(logits, axis=-1)
+  weights = primitives.softmax(logits)
   if mask is not None:
     weights = weights * jnp.any(mask, axis=-1)[:, None, None, None]
   out = jnp.einsum("bnts,bsnh->btnh", weights.astype(v.dtype), v)

@@ -3,9 +3,9 @@
 Letters: n rows (sorted by expert; `group_sizes[e]` rows for expert e), e
 experts, t rows per tile, d input width, h output width.
 
-Two implementations of y[n] = x[n] @ w[expert(n)] (and of the expert MLP built on it):
+Two implementations of y[n] = MLP_{expert(n)}(x[n]), the expert MLP of each row:
 
-  ragged_dot  `jax.lax.ragged_dot`. On TPU it is the Mosaic grouped-matmul
+  ragged_dot  `jax.lax.ragged_dot` for each of the MLP's matmuls. On TPU it is the Mosaic grouped-matmul
               kernel and costs what the rows cost. Elsewhere XLA rewrites it
               as a dense dot of every row with every expert plus a mask (XLA's
               RaggedDotRewriter; newer CUDA builds send the forward and input
@@ -22,15 +22,13 @@ Two implementations of y[n] = x[n] @ w[expert(n)] (and of the expert MLP built o
               writes there is overwritten when the next expert's tiles run.
               Each expert's weights are sliced once, not once per tile, and the
               trip counts are the real tile counts (nothing runs for an empty
-              expert). The `custom_vjp` backward is the same loop: dx tile by
-              tile, and each expert's weight gradients summed in float32 over
-              its tiles (overrun rows masked out) and written once into its
-              slice of dW.
-              `tile_mlp` (what `ec_dit.moe.layers.Experts.ragged` runs) does
-              all three matmuls of a (SwiGLU or GELU) expert MLP on a tile in
-              one loop body, keeping the pre-activations for the backward, whose
-              loop body likewise does the whole MLP's gradient of the tile.
-              `tile_matmul` is the single grouped matmul, ragged_dot's drop-in.
+              expert). `tile_mlp` (what `ec_dit.moe.layers.Experts.ragged`
+              runs) does all three matmuls of a (SwiGLU or GELU) expert MLP on
+              a tile in one loop body, keeping the pre-activations for the
+              backward. The `custom_vjp` backward is the same loop: the whole
+              MLP's gradient of a tile per body, dx tile by tile, and each
+              expert's weight gradients summed in float32 over its tiles
+              (overrun rows masked out) and written once into its slice of dW.
               Cost: the routed rows plus fewer than t rows per expert.
               With experts sharded over devices the loop reads every expert's
               weights, so XLA gathers them: correct, but not expert-parallel.
@@ -53,7 +51,6 @@ expert choice's time (docs/benchmarks.md).
 backend. Usage:
 
     tiles = tile_sizes(n, e)
-    y_nh = tile_matmul(x_nd, w_edh, group_sizes, tiles)
     y_nd = tile_mlp(x_nd, group_sizes, tiles, {"wi": wi, "wg": wg, "wo": wo, "bi": None, "bo": None},
                     lambda u, g: jax.nn.silu(g) * u)
 """
@@ -88,7 +85,7 @@ def tile_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
   the rows computed for nothing (the last tile's overrun) stay below the
   smallest tile: about e*t/2 rows on average, n/16 (6%) at t = n/(8e). Within
   [8, 1024]. Measured on this 2-core CPU at the DiT-MoE-S/2 shape (n = 4096,
-  e = 8; fwd+bwd of the three SwiGLU matmuls as tile_matmul calls, interleaved, medians of paired
+  e = 8; fwd+bwd of the three SwiGLU matmuls as separate tile loops, interleaved, medians of paired
   ratios to expert choice's batched matmuls): (512, 256, 128, 64) 0.89x, a
   single size of 128 1.05x (more loop trips and per-tile dW additions, smaller
   matmuls), (512, 256, 128) 1.03x (twice the overrun).
@@ -98,16 +95,6 @@ def tile_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
 
   small, big = pow2_at_most(num_rows // (8 * num_experts)), pow2_at_most(num_rows // num_experts)
   return tuple(big >> k for k in range((big // small).bit_length()))
-
-
-def tile_matmul(x_nd: jax.Array, w_edh: jax.Array, group_sizes: jax.Array, tiles) -> jax.Array:
-  """y[n] = x[n] @ w[expert(n)] for n rows sorted by expert: [n, d] x [e, d, h] -> [n, h].
-
-  `tiles`: rows per tile, or a tuple of tile sizes each half the last (`tile_sizes`;
-  see `_expert_tiles`). Rows past sum(group_sizes) come back as 0 (and get no
-  gradient), as in ragged_dot.
-  """
-  return _tile_matmul(x_nd, w_edh, group_sizes.astype(jnp.int32), _sizes(tiles, x_nd.shape[0]))
 
 
 def _sizes(tiles, num_rows):
@@ -149,62 +136,6 @@ def _over_experts(group_sizes, expert_fn, carry):
   ends = jnp.cumsum(group_sizes)
   starts = ends - group_sizes
   return lax.fori_loop(0, group_sizes.shape[0], lambda e, c: expert_fn(e, starts[e], ends[e], c), carry)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tile_matmul(x_nd, w_edh, group_sizes, sizes):
-  return _tile_matmul_fwd(x_nd, w_edh, group_sizes, sizes)[0]
-
-
-def _tile_matmul_fwd(x_nd, w_edh, group_sizes, sizes):
-  n = x_nd.shape[0]
-  x_pd = _pad(x_nd, sizes)
-
-  def expert(e, start, end, y_ph):
-    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)  # one copy per expert
-
-    def tile_fn(r, t, y_ph):
-      y_th = jnp.dot(lax.dynamic_slice_in_dim(x_pd, r, t), w_dh)
-      return lax.dynamic_update_slice_in_dim(y_ph, y_th.astype(y_ph.dtype), r, 0)
-
-    return _expert_tiles(start, end, sizes, tile_fn, y_ph)
-
-  y_ph = _over_experts(group_sizes, expert, jnp.zeros((n + sizes[-1], w_edh.shape[2]), x_nd.dtype))
-  return jnp.where(_rows_before(n, jnp.sum(group_sizes)), y_ph[:n], 0), (x_nd, w_edh, group_sizes)
-
-
-def _tile_matmul_bwd(sizes, residuals, dy_nh):
-  """dx[n] = dy[n] @ w[e]^T; dw[e] = sum over e's rows of x[n]^T dy[n], in float32 over one expert's tiles."""
-  x_nd, w_edh, group_sizes = residuals
-  (n, d), h = x_nd.shape, w_edh.shape[2]
-  x_pd = _pad(x_nd, sizes)
-  dy_ph = _pad(jnp.where(_rows_before(n, jnp.sum(group_sizes)), dy_nh, 0), sizes)
-  mask_x = d <= h  # mask the narrower operand of the dW product
-
-  def expert(e, start, end, carry):
-    dx_pd, dw_edh = carry
-    w_dh = lax.dynamic_index_in_dim(w_edh, e, 0, keepdims=False)
-
-    def tile_fn(r, t, carry):
-      dx_pd, dw_dh = carry
-      x_td, dy_th = lax.dynamic_slice_in_dim(x_pd, r, t), lax.dynamic_slice_in_dim(dy_ph, r, t)
-      dx_td = jnp.einsum("th,dh->td", dy_th, w_dh)
-      mine = (r + jnp.arange(t) < end)[:, None]  # rows of this expert (the rest belong to the next)
-      if mask_x:
-        x_td = jnp.where(mine, x_td, 0)
-      else:
-        dy_th = jnp.where(mine, dy_th, 0)
-      dw_dh = dw_dh + jnp.einsum("td,th->dh", x_td, dy_th, preferred_element_type=jnp.float32)
-      return lax.dynamic_update_slice_in_dim(dx_pd, dx_td.astype(dx_pd.dtype), r, 0), dw_dh
-
-    dx_pd, dw_dh = _expert_tiles(start, end, sizes, tile_fn, (dx_pd, jnp.zeros((d, h), jnp.float32)))
-    return dx_pd, lax.dynamic_update_index_in_dim(dw_edh, dw_dh.astype(dw_edh.dtype), e, 0)
-
-  dx_pd, dw_edh = _over_experts(group_sizes, expert, (jnp.zeros((n + sizes[-1], d), x_nd.dtype), jnp.zeros_like(w_edh)))
-  return dx_pd[:n], dw_edh, None
-
-
-_tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
 
 
 def tile_mlp(x_nd: jax.Array, group_sizes: jax.Array, tiles, params: dict, activation) -> jax.Array:

@@ -38,15 +38,45 @@ MATCHED_RMS = 0.2
 
 
 def newton_schulz(x: jax.Array, steps: int) -> jax.Array:
-  """Approximately orthogonalise every matrix of ``x`` [b, m, n] (m <= n), in float32."""
+  """Approximately orthogonalise every matrix of ``x`` [b, m, n] (m <= n), in float32.
+
+  Each step is X <- a X + (b G + c G^2) X with G = X X^T. For wide matrices
+  (:func:`_gram_is_cheaper`) the steps run on m x m matrices only: every X_k
+  is Q_k X_0 with Q_k a polynomial in G_0, so Q and G are updated
+  (P = a + b G + c G^2, Q <- P Q, G <- P G P) and X_0 is multiplied once at the
+  end. The same map up to float rounding (tests/test_muon.py), fewer FLOPs.
+  """
   x = x.astype(jnp.float32)
   x = x / (jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True)) + 1e-7)
+  if _gram_is_cheaper(x.shape[1], x.shape[2], steps):
+    return _newton_schulz_gram(x, steps)
   a, b, c = NS_COEFFS
   for _ in range(steps):  # unrolled: a handful of steps, and XLA fuses the scalings
     gram = jnp.einsum("bmn,bkn->bmk", x, x)
     poly = b * gram + c * jnp.einsum("bmk,bkj->bmj", gram, gram)
     x = a * x + jnp.einsum("bmk,bkn->bmn", poly, x)
   return x
+
+
+def _gram_is_cheaper(m: int, n: int, steps: int) -> bool:
+  """Matmul FLOPs of the m x m iteration below those of the m x n one."""
+  direct = steps * (4 * m * m * n + 2 * m ** 3)
+  gram = 4 * m * m * n + (4 * steps - 3) * 2 * m ** 3
+  return gram < direct
+
+
+def _newton_schulz_gram(x: jax.Array, steps: int) -> jax.Array:
+  """:func:`newton_schulz`'s steps on the m x m Gram matrix of the normalised ``x`` [b, m, n]."""
+  a, b, c = NS_COEFFS
+  mm = functools.partial(jnp.einsum, "bmk,bkj->bmj")
+  gram = jnp.einsum("bmn,bkn->bmk", x, x)
+  q = None
+  for k in range(steps):
+    poly = a * jnp.eye(x.shape[1], dtype=x.dtype) + b * gram + c * mm(gram, gram)
+    q = poly if q is None else mm(poly, q)
+    if k < steps - 1:
+      gram = mm(mm(poly, gram), poly)
+  return jnp.einsum("bmk,bkn->bmn", q, x)
 
 
 def _as_batch(u: jax.Array) -> tuple[jax.Array, bool]:
