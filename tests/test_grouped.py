@@ -108,14 +108,17 @@ def _random_params(rng):
 def test_tile_mlp_equals_ragged_dot_at_any_tile_in_values_and_gradients(tile):
   """Tiles that end inside the next expert's rows, or past the last row, or mix sizes, change nothing."""
   rng = np.random.default_rng(tile if isinstance(tile, int) else len(tile))
+  # group sizes are arguments: one compile per implementation, five routings
+  grad_fns = [jax.jit(jax.value_and_grad(lambda x, p, sizes, probe, f=f: jnp.sum(f(x, p, sizes) * probe),
+                                         argnums=(0, 1)))
+              for f in (lambda x, p, sizes: grouped.tile_mlp(x, sizes, tile, p, _swiglu),
+                        lambda x, p, sizes: _ragged_dot_mlp(x, sizes, p))]
   for _ in range(5):
     sizes = jnp.asarray(rng.multinomial(40, rng.dirichlet(np.full(E, 0.3))), jnp.int32)
     x = jnp.asarray(rng.standard_normal((40, D)), jnp.float32)
     params = _random_params(rng)
     probe = jnp.asarray(rng.standard_normal((40, D)), jnp.float32)
-    results = [jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(f(x, p) * probe), argnums=(0, 1)))(x, params)
-               for f in (lambda x, p: grouped.tile_mlp(x, sizes, tile, p, _swiglu),
-                         lambda x, p: _ragged_dot_mlp(x, sizes, p))]
+    results = [grad_fn(x, params, sizes, probe) for grad_fn in grad_fns]
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
