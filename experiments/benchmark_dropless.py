@@ -86,7 +86,7 @@ def layers_for(shape: str, tiles):
   out = {"ragged_dot": (tc(dropless_impl="ragged_dot"), ()), "tiles": (tc(dropless_impl="tiles"), ())}
   for spec in tiles:
     small, big = (int(v) for v in (spec.split("-") + [spec])[:2])
-    out[f"tiles_t{spec}"] = (tc(dropless_impl="tiles"), tuple(big >> k for k in range((big // small).bit_length())))
+    out[f"tiles_t{spec}"] = (tc(dropless_impl="tiles"), grouped.halvings(big, small))
   out["cf2"] = (tc(capacity_factor=2.0), ())
   out["ec_cf2"] = (ExpertChoiceMoE(d, train_capacity_factor=2.0, rngs=nnx.Rngs(0), **common), ())
   return out

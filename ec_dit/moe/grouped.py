@@ -93,7 +93,11 @@ def tile_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
   def pow2_at_most(x):
     return int(min(MAX_TILE, max(MIN_TILE, 1 << (max(1, x).bit_length() - 1))))
 
-  small, big = pow2_at_most(num_rows // (8 * num_experts)), pow2_at_most(num_rows // num_experts)
+  return halvings(pow2_at_most(num_rows // num_experts), pow2_at_most(num_rows // (8 * num_experts)))
+
+
+def halvings(big: int, small: int) -> tuple[int, ...]:
+  """Tile sizes big, big/2, ..., down to small (powers of two): a `tiles` argument of `tile_mlp`."""
   return tuple(big >> k for k in range((big // small).bit_length()))
 
 

@@ -105,11 +105,9 @@ class Experts(nnx.Module):
     # then transposes the [.., H]-wide activation gradients (fused with the
     # SwiGLU backward, strided: ~15% of the layer's fwd+bwd on CPU) to merge them.
     x_end = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1).reshape(e, g * c, d)
-    h_enh = jnp.einsum("end,edh->enh", x_end, self._w(self.wi)) + self._b(self.bi, (slice(None), None))
-    if self.wg is not None:
-      h_enh = jax.nn.silu(jnp.einsum("end,edh->enh", x_end, self._w(self.wg))) * h_enh
-    else:
-      h_enh = primitives.gelu(h_enh)
+    u_enh = jnp.einsum("end,edh->enh", x_end, self._w(self.wi)) + self._b(self.bi, (slice(None), None))
+    g_enh = None if self.wg is None else jnp.einsum("end,edh->enh", x_end, self._w(self.wg))
+    h_enh = _ACTIVATION_OF[self.activation](u_enh, g_enh)
     h_egch = sharding.constrain(h_enh.reshape(e, g, c, -1), ("expert", "expert_group", None, "expert_mlp"))
     y_end = jnp.einsum("enh,ehd->end", h_egch.reshape(e, g * c, -1), self._w(self.wo))
     y_egcd = (y_end + self._b(self.bo, (slice(None), None))).reshape(e, g, c, d)
@@ -133,11 +131,8 @@ class Experts(nnx.Module):
 
   def _mlp(self, x, matmul, bias_index):
     """The expert MLP with `matmul(x, w_stacked)` picking each row's expert and biases `b[bias_index]`."""
-    h = matmul(x, self._w(self.wi)) + self._b(self.bi, bias_index)
-    if self.wg is not None:
-      h = jax.nn.silu(matmul(x, self._w(self.wg))) * h
-    else:
-      h = primitives.gelu(h)
+    u = matmul(x, self._w(self.wi)) + self._b(self.bi, bias_index)
+    h = _ACTIVATION_OF[self.activation](u, None if self.wg is None else matmul(x, self._w(self.wg)))
     return matmul(h, self._w(self.wo)) + self._b(self.bo, bias_index)
 
 

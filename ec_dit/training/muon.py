@@ -70,9 +70,10 @@ def _newton_schulz_gram(x: jax.Array, steps: int) -> jax.Array:
   a, b, c = NS_COEFFS
   mm = functools.partial(jnp.einsum, "bmk,bkj->bmj")
   gram = jnp.einsum("bmn,bkn->bmk", x, x)
+  identity = jnp.eye(x.shape[1], dtype=x.dtype)
   q = None
   for k in range(steps):
-    poly = a * jnp.eye(x.shape[1], dtype=x.dtype) + b * gram + c * mm(gram, gram)
+    poly = a * identity + b * gram + c * mm(gram, gram)
     q = poly if q is None else mm(poly, q)
     if k < steps - 1:
       gram = mm(mm(poly, gram), poly)
