@@ -4,6 +4,7 @@ front, image decoding is bounded and reads float / 16-bit images by their range.
 import hashlib
 import json
 import pathlib
+import shutil
 import struct
 import zlib
 
@@ -16,7 +17,7 @@ from ec_dit.data import latents, preprocess, sources
 from ec_dit.prepare import dataset, state, writer
 from ec_dit.workdir_lock import Lock, WorkdirError
 from helpers import REPO, load_config, set_fields
-from latent_fixtures import write_image_folder, write_t5, write_vae
+from latent_fixtures import FIXTURES, write_image_folder, write_t5
 
 CONFIG = REPO / "tests" / "latent_config.py"
 
@@ -31,8 +32,14 @@ def _config(assets, **fields):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("untrusted")
-  return {"t5": write_t5(root / "t5"), "vae": write_vae(root / "vae"), "vae_b": write_vae(root / "vae_b", seed=1),
-          "images": write_image_folder(root / "images", n=24), "root": root}
+  vae = pathlib.Path(shutil.copytree(FIXTURES / "vae4", root / "vae"))  # the committed VAE: 16x16 -> 8x8x4
+  vae_b = pathlib.Path(shutil.copytree(vae, root / "vae_b"))  # another checkpoint: the same config, other weights
+  weights = vae_b / "diffusion_pytorch_model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-64:] = bytes(64)  # the last weights' values
+  weights.write_bytes(bytes(data))
+  return {"t5": write_t5(root / "t5"), "vae": vae, "vae_b": vae_b, "images": write_image_folder(root / "images", n=24),
+          "root": root}
 
 
 @pytest.fixture(scope="module")

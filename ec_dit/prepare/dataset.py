@@ -104,14 +104,14 @@ def _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders,
   fp = state.fingerprint(config, c, source, examples_per_shard=examples_per_shard, min_image_size=min_size,
                          max_image_pixels=max_image_pixels, need_t5=needs_text(config))
   state.check_resume(out, fp, writer.has_shards(out))
+  if jax.process_count() > 1:  # every process has compared before process 0 records
+    multihost_utils.sync_global_devices("ec_dit.prepare state checked")
+  if jax.process_index() == 0:
+    state.record(out, fp)
   # -- Encoders (frozen), placed on this process's devices ------------------------
   encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len,
                                                    need_t5=needs_text(config), mesh=local_mesh())
   fields = dict(manifest_fields(config, encoders, c.source), fingerprint=fp)  # also checks image_size vs the VAE
-  if jax.process_index() == 0:
-    state.record(out, fp)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("ec_dit.prepare state recorded")
   # -- Encode this process's shards ------------------------------------------------
   result = writer.prepare_shards(
       source, out, encoders=encoders, image_size=c.image_size, min_image_size=min_size,

@@ -107,17 +107,18 @@ def differences(old: dict, new: dict) -> list[str]:
 
 
 def check_resume(out: str | os.PathLike, new: dict, has_shards: bool) -> dict | None:
-  """Compares `new` with the fingerprint the folder was started with; returns the old one (None: fresh start).
+  """Compares `new` with the fingerprint the folder was started with; returns the old one (None: no shard yet).
 
-  Raises PrepareError, before anything is written, when they differ, or when the
-  folder holds shards but no fingerprint (then a resume cannot be checked).
+  Raises PrepareError, before anything is written, when the folder holds shards
+  and the fingerprints differ, or it holds shards but no fingerprint (then a
+  resume cannot be checked). Without shards there is nothing to mix with.
   """
   path = pathlib.Path(out) / STATE
+  if not has_shards:
+    return None  # nothing written yet that a difference could mix with (e.g. a start that failed to load encoders)
   if not path.is_file():
-    if has_shards:
-      raise errors.PrepareError(f"{out} holds shards but no {STATE}, so resuming cannot be checked to encode the "
-                                f"same data with the same encoders; use a new --out")
-    return None
+    raise errors.PrepareError(f"{out} holds shards but no {STATE}, so resuming cannot be checked to encode the "
+                              f"same data with the same encoders; use a new --out")
   try:
     old = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:

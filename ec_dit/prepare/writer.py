@@ -159,24 +159,23 @@ def prepare_shards(source, out: str | os.PathLike, *, encoders, image_size: int,
   done_before = len(mine) - len(todo)
   written = images = 0
   t0 = time.time()
-  bar = tqdm(total=sum(ranges[s][1] - ranges[s][0] for s in mine), desc="prepare", unit="img",
-             disable=not progress, dynamic_ncols=True)
-  bar.update(sum(ranges[s][1] - ranges[s][0] for s in mine if s not in todo))
-  for s in todo:
-    if max_shards is not None and written >= max_shards:
-      break
-    start, stop = ranges[s]
-    examples = [read_example(source, i, image_size=image_size, min_image_size=min_image_size,
-                             max_image_pixels=max_image_pixels, **keys) for i in range(start, stop)]
-    records, truncated = encode_shard(examples, encoders, batch_size)
-    skipped = [{"index": e.index, "reason": e.skipped} for e in examples if e.skipped is not None]
-    write_shard(out, names[s], records, {"shard": s, "count": len(records), "skipped": skipped,
-                                         "truncated": truncated, "range": [start, stop]})
-    written += 1
-    images += stop - start
-    bar.update(stop - start)
-    bar.set_postfix(img_per_s=f"{images / max(time.time() - t0, 1e-9):.1f}")
-  bar.close()
+  with tqdm(total=sum(ranges[s][1] - ranges[s][0] for s in mine), desc="prepare", unit="img",
+            disable=not progress, dynamic_ncols=True) as bar:  # closed on errors too: the error line comes last
+    bar.update(sum(ranges[s][1] - ranges[s][0] for s in mine if s not in todo))
+    for s in todo:
+      if max_shards is not None and written >= max_shards:
+        break
+      start, stop = ranges[s]
+      examples = [read_example(source, i, image_size=image_size, min_image_size=min_image_size,
+                               max_image_pixels=max_image_pixels, **keys) for i in range(start, stop)]
+      records, truncated = encode_shard(examples, encoders, batch_size)
+      skipped = [{"index": e.index, "reason": e.skipped} for e in examples if e.skipped is not None]
+      write_shard(out, names[s], records, {"shard": s, "count": len(records), "skipped": skipped,
+                                           "truncated": truncated, "range": [start, stop]})
+      written += 1
+      images += stop - start
+      bar.update(stop - start)
+      bar.set_postfix(img_per_s=f"{images / max(time.time() - t0, 1e-9):.1f}")
   return {"shards_total": len(ranges), "shards_mine": len(mine), "shards_done_before": done_before,
           "shards_written": written, "complete": all(is_complete(out, names[s]) for s in mine)}
 
