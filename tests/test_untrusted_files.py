@@ -17,7 +17,7 @@ import pytest
 from ec_dit import errors, torch_pickle
 from ec_dit.convert import __main__ as convert_cli
 from dit_moe_fixtures import CHECKPOINT
-from untrusted_pickles import BUILD, SETITEM, glob, obj, tensor, write_pt
+from untrusted_pickles import BUILD, REDUCE, SETITEM, glob, obj, tensor, write_pt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
@@ -67,7 +67,8 @@ def test_a_crafted_pt_is_one_line_exit_2_from_the_converter(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
   # the other reproductions and the 660-byte file that asked for 1.9 GiB, in-process
   for name, body in [("before.pt", tensor(-1, (16,), (1,))), ("huge.pt", tensor(0, (1000, 500000), (0, 0))),
-                     ("past.pt", tensor(10, (8,), (1,))), ("numel.pt", tensor(0, (4,), (1,), numel=10**12))]:
+                     ("past.pt", tensor(10, (8,), (1,))), ("numel.pt", tensor(0, (4,), (1,), numel=10**12)),
+                     ("evil.pt", glob("posix", "system") + obj(("true",)) + REDUCE)]:  # UnsafeCheckpointError
     path = write_pt(tmp_path / name, obj("w") + body + SETITEM)
     with pytest.raises(errors.CheckpointError, match=str(path)):
       torch_pickle.load(str(path))
