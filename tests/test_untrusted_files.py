@@ -101,13 +101,13 @@ def test_fresh_globals_per_load(tmp_path):
     u1.find_class("torch", "FloatStorage").dtype = np.int8
 
 
-def test_fuzzed_fixtures_load_the_same_or_are_refused_never_crash():
+def test_fuzzed_fixtures_load_the_same_or_are_refused_never_crash(record_property):
   """Random mutations of tiny.pt (its pickle, re-zipped; its raw bytes) and tiny_subset.safetensors."""
   seconds = float(os.environ.get("EC_DIT_FUZZ_SECONDS", "20"))
   out = subprocess.run([sys.executable, str(REPO / "tests" / "untrusted_pickles.py"), str(seconds), "0"],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=seconds + 120)
   assert out.returncode == 0, (out.returncode, out.stdout[-1000:], out.stderr[-3000:])
   counts = json.loads(out.stdout.strip().splitlines()[-1])
-  print(f"unpickler fuzz: {counts}")  # the report: how many mutations were tried, and their outcomes
+  record_property("report", f"unpickler fuzz: {counts}")  # printed in the run's summary (tests/conftest.py)
   assert counts["tried"] >= 300 and counts["refused"] > 0 and counts["same"] > 0, counts
   assert counts["tried"] == counts["refused"] + counts["same"] + counts["loaded_other"]
