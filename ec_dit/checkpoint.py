@@ -22,17 +22,18 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ec_dit import errors
 from ec_dit.data import pipeline as data_pipeline
 from ec_dit.model import abstract_params
 
 log = logging.getLogger(__name__)
 
 
-class RestoreError(RuntimeError):
+class RestoreError(errors.CheckpointError, RuntimeError):
   """Checkpoints exist but none restores: the message lists each one's reason."""
 
 
-class SaveError(RuntimeError):
+class SaveError(errors.EcDitError, RuntimeError):
   """A checkpoint save failed: the message names the step, path, cause and the last good checkpoint."""
 
 

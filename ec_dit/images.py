@@ -1,7 +1,10 @@
 """Image files and grids: uint8 HxWx3 arrays in, PNGs out."""
 from __future__ import annotations
 
+import json
 import math
+import re
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -31,3 +34,25 @@ def load_image(path: str) -> np.ndarray:
   """An image file as uint8 HxWx3 RGB."""
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB"))
+
+
+SLUG_LEN = 60  # characters of the prompt kept in a file name; the full prompt goes to the sidecar
+
+
+def prompt_stem(index: int, prompt: str, seed: int) -> str:
+  """`{index:03d}_{slug}_{seed}`: a file-name stem unique per prompt of a call (two prompts that reduce to the
+  same slug, "A red square!" and "a red square", differ by their index). A slug cut to SLUG_LEN characters
+  prints a warning; `write_prompt_sidecar` keeps the full prompt."""
+  slug = re.sub(r"[^\w]+", "_", prompt.lower()).strip("_")
+  stem = f"{index:03d}_{slug[:SLUG_LEN].rstrip('_') or 'unconditional'}_{seed}"
+  if len(slug) > SLUG_LEN:
+    print(f"warning: prompt {index} is longer than {SLUG_LEN} characters in its file names ({stem}*); the full "
+          f"prompt is in {stem}.json", file=sys.stderr, flush=True)
+  return stem
+
+
+def write_prompt_sidecar(path: str, prompt: str, **fields) -> str:
+  """Writes `{"prompt": prompt, **fields}` as JSON to `path` (the full prompt of files named by `prompt_stem`)."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"prompt": prompt, **fields}, f, ensure_ascii=False, indent=1)
+  return path

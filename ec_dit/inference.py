@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from typing import Sequence
 
 import jax
@@ -173,6 +172,9 @@ def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, se
                     encoders_config=None) -> list[str]:
   """Writes PNGs for prompts from the run's latest checkpoint; returns their paths.
 
+  Files: `samples/{index:03d}_{slug}_{seed}_{j}.png` and `{index:03d}_{slug}_{seed}.json` holding the full
+  prompt (`ec_dit.images.prompt_stem`; a slug cut short prints a warning).
+
   `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`).
   """
   pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)),
@@ -181,10 +183,11 @@ def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, se
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for i, prompt in enumerate(prompts):
-    slug = re.sub(r"[^\w]+", "_", prompt.lower()).strip("_")[:60] or "unconditional"
-    for j in range(num_images):
-      path = os.path.join(out_dir, f"{slug}_{seed}_{j}.png")
-      images_lib.save_png(images[i * num_images + j], path)
-      paths.append(path)
+  for i, prompt in enumerate(prompts):  # names unique per prompt (index + slug); the full prompt in a sidecar
+    stem = images_lib.prompt_stem(i, prompt, seed)
+    names = [f"{stem}_{j}.png" for j in range(num_images)]
+    for j, name in enumerate(names):
+      images_lib.save_png(images[i * num_images + j], os.path.join(out_dir, name))
+      paths.append(os.path.join(out_dir, name))
+    images_lib.write_prompt_sidecar(os.path.join(out_dir, stem + ".json"), prompt, index=i, seed=seed, images=names)
   return paths

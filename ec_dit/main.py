@@ -22,15 +22,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import checkpoint, distributed, host_memory, inference, inference_class, routing_maps, schema
+from ec_dit import checkpoint, distributed, errors, host_memory, inference, inference_class, routing_maps, schema
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
 from ec_dit.training import loop, workdir as workdir_lib
 
-# Errors that carry a complete message for the user: printed as one line, exit code 1.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError, checkpoint.RestoreError,
-               checkpoint.SaveError)
+# Errors that carry a complete message for the user: printed as one line, exit code 2 (ec_dit.errors).
+USER_ERRORS = (errors.EcDitError, ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError,
+               checkpoint.RestoreError, checkpoint.SaveError)
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:VARIANT.",
                                 lock_config=True)
@@ -102,7 +102,11 @@ def main(argv):
     host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
     run(argv)
   except USER_ERRORS as e:
-    sys.exit(f"error: {e}")
+    sys.exit(errors.report(e))
+  except OSError as e:  # a full disk is an expected failure; other OS errors keep their traceback
+    if not errors.is_disk_full(e):
+      raise
+    sys.exit(errors.report(e))
 
 
 def run(argv):

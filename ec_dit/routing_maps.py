@@ -18,14 +18,13 @@ notebook, `display(fig)` shows them inline.
 from __future__ import annotations
 
 import os
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ec_dit.images import save_png
+from ec_dit.images import prompt_stem, save_png, write_prompt_sidecar
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
                                        shapes_world_groups, specialisation_counts, trace_routing, foreground)
@@ -165,15 +164,11 @@ def _wrap(text: str, width: int = 24) -> str:
   return "\n".join(lines + [line]) if line else '""'
 
 
-def _slug(prompt: str) -> str:
-  return re.sub(r"[^\w]+", "_", prompt.lower()).strip("_")[:60] or "unconditional"
-
-
 def routing_maps_to_files(workdir: str, prompts: Sequence[str], *, steps: Sequence[int] | None = None,
                           seed: int = 0, specialisation_by: Sequence[str] = ("shape", "color")) -> list[str]:
   """`--mode=routing_maps`: PNGs in workdir/routing_maps from the run's latest EMA weights; returns their paths.
 
-  Per prompt: `<prompt>_<seed>.png` (image + maps) and `<prompt>_<seed>_spread.png`;
+  Per prompt: `<index>_<prompt>_<seed>.png` (image + maps), `..._spread.png` and `....json` (the full prompt);
   then `specialisation_<by>_<all|objects>.png` for each ShapesWorld grouping in
   `specialisation_by` (an MoE model only).
   """
@@ -183,8 +178,9 @@ def routing_maps_to_files(workdir: str, prompts: Sequence[str], *, steps: Sequen
   if prompts:
     trace = trace_routing(pipe, prompts, seed=seed)
     for i, prompt in enumerate(trace.prompts):
-      stem = os.path.join(out_dir, f"{_slug(prompt)}_{seed}")
+      stem = os.path.join(out_dir, prompt_stem(i, prompt, seed))  # unique per prompt; full prompt in the sidecar
       paths.append(save_figure(routing_map_figure(trace, i, steps), stem + ".png"))
+      write_prompt_sidecar(stem + ".json", prompt, index=i, seed=seed)
       paths.append(save_figure(compute_spread_figure(trace, i), stem + "_spread.png"))
   if pipe.config.model.ffn.kind != "dense":
     for by in specialisation_by:

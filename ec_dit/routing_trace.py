@@ -9,6 +9,7 @@ recorded plus the shared experts) and `expert_choices` [B, S, E].
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
 
 import jax
@@ -172,10 +173,13 @@ def expert_specialisation(pipe: TextToImagePipeline, grouped_prompts: Mapping[st
   groups = [g for g, label in enumerate(labels) for _ in grouped_prompts[label]]
   trace = trace_routing(pipe, prompts, seed=seed, **sampler)
   steps = slice(None) if steps is None else list(steps)
-  weight = np.ones(trace.images.shape[0:1] + (trace.images.shape[1] * trace.images.shape[2]
-                                              // trace.patch_size ** 2,), np.float32)
+  # Token weights on the model's token grid, which for a latent run is coarser than the decoded pixels: the
+  # grid comes from the recorded choices [N, B, S, E], and a token covers images.shape[1] / sqrt(S) pixels.
+  tokens = next(iter(trace.expert_choices.values())).shape[2] if trace.expert_choices else \
+      trace.images.shape[1] * trace.images.shape[2] // trace.patch_size ** 2
+  weight = np.ones((trace.images.shape[0], tokens), np.float32)
   if region != "all":
-    objects = object_tokens(trace.images, trace.patch_size)
+    objects = object_tokens(trace.images, trace.images.shape[1] // math.isqrt(tokens))
     weight = objects if region == "objects" else 1.0 - objects
   onehot = np.eye(len(labels), dtype=np.float32)[groups]  # [B, G]
   counts = {}

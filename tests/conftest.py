@@ -33,9 +33,19 @@ def pytest_unconfigure(config):
 # workers start on the longest files, and the short ones fill in at the end, so both finish together.
 SLOW_FILES = ("test_multihost.py", "test_reliability.py", "test_train.py", "test_sharding.py", "test_latent_path.py",
               "test_dit_moe_sharding.py", "test_text_and_sampling.py", "test_model.py", "test_dit_moe_training.py",
-              "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py")
+              "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py",
+              "test_untrusted_files.py", "test_untrusted_data.py")
 
 
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(SLOW_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: order within a file is kept
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Prints what tests recorded with `record_property("report", ...)` (e.g. how many mutations the unpickler
+  fuzz test tried), also under xdist, where the tests' own output is not shown."""
+  for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+    for name, value in getattr(report, "user_properties", []):
+      if name == "report":
+        terminalreporter.write_line(f"{report.nodeid}: {value}")

@@ -188,7 +188,8 @@ def test_convert_cli_reports_a_mismatch(tmp_path, capsys):
   config_file.write_text(_tiny_config_file(tmp_path).read_text().replace("return c", "c.model.ffn.num_experts = 8\n  return c"))
   rc = convert_cli.main(["dit_moe", "--checkpoint", str(CHECKPOINT), "--config", str(config_file),
                          "--out", str(tmp_path / "run")])
-  assert rc == 1 and "4 experts per block, config.model.ffn.num_experts=8" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert rc == 2 and "4 experts per block, config.model.ffn.num_experts=8" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("field,value,match", [

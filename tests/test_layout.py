@@ -27,7 +27,10 @@ LOCAL_IMPORTS_ALLOWED = {
 }
 
 # Layers: modules under the prefix on the left may not import modules under any prefix on the right.
+# `ec_dit.errors` (the project's error classes, importing nothing) is below every layer: all may import it.
+BOTTOM = "ec_dit.errors"
 FORBIDDEN = {
+    "ec_dit.errors": ("ec_dit.",),
     "ec_dit.schema": ("ec_dit.",),  # the bottom: nothing else from ec_dit (its own package is exempt below)
     "ec_dit.vocabulary": ("ec_dit.data", "ec_dit.geneval", "ec_dit.model", "ec_dit.training"),
     "ec_dit.primitives": ("ec_dit.model", "ec_dit.moe", "ec_dit.training", "ec_dit.data", "ec_dit.geneval"),
@@ -144,8 +147,8 @@ def test_layers_point_downward():
       if module != prefix and not module.startswith(prefix + "."):
         continue
       for target, _, line in _imports(module):
-        if target == prefix or target.startswith(prefix + "."):
-          continue  # within its own package
+        if target == prefix or target.startswith(prefix + ".") or target == BOTTOM:
+          continue  # within its own package, or the error classes every layer may raise
         if any(target == f or target.startswith(f.rstrip(".") + ".") or (f.endswith(".") and target.startswith(f))
                for f in forbidden):
           bad.append(f"{module}:{line} imports {target}")

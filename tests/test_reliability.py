@@ -423,5 +423,5 @@ def test_cli_unknown_key_and_missing_workdir_are_one_line_errors(tmp_path):
   out = _cli("--mode=summary", "--config.foo=1")
   assert out.returncode == 2 and out.stderr.strip().startswith("error: --config.foo: unknown config key; closest")
   out = _cli("--mode=evaluate", f"--workdir={tmp_path / 'nope'}")
-  assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
+  assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
   assert not (tmp_path / "nope").exists()

@@ -5,7 +5,8 @@
 
 `--config` is a config file with an optional variant, as `ec_dit.main`'s
 `--config=file.py:VARIANT`. The output is a run directory that
-`ec_dit.inference_class.ClassToImagePipeline.from_run` loads.
+`ec_dit.inference_class.ClassToImagePipeline.from_run` loads. Expected failures (a bad or
+unsafe checkpoint, a mismatch with the config, a full disk) are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.util
 import os
 import sys
 
-from ec_dit import schema
+from ec_dit import errors, schema
 from ec_dit.convert import dit_moe
 
 
@@ -39,20 +40,22 @@ def main(argv=None) -> int:
   parser.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
                       help="which weights of a training checkpoint {'model', 'ema'} (auto: ema if present)")
   args = parser.parse_args(argv)
-  config = load_config_file(args.config)
-  schema.validate(config)
-  if config.model.arch != "dit_moe":
-    parser.error(f"--config: config.model.arch must be 'dit_moe' to import a DiT-MoE checkpoint, "
-                 f"got {config.model.arch!r}")
   try:
+    config = load_config_file(args.config)
+    schema.validate(config)
+    if config.model.arch != "dit_moe":
+      parser.error(f"--config: config.model.arch must be 'dit_moe' to import a DiT-MoE checkpoint, "
+                   f"got {config.model.arch!r}")
     params = dit_moe.convert_state_dict(dit_moe.load_state_dict(args.checkpoint, args.weights), config)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  dit_moe.write_run(config, params, args.out)
+    dit_moe.write_run(config, params, args.out)
+  except (errors.EcDitError, ValueError, FileNotFoundError, FileExistsError) as e:  # expected: one line, exit 2
+    return errors.report(e)
+  except OSError as e:
+    if errors.is_disk_full(e):
+      return errors.report(e)
+    raise
   print(f"wrote {args.out} (config.json and checkpoints/0)")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -20,12 +20,12 @@ import re
 import jax
 import numpy as np
 
-from ec_dit import checkpoint, torch_pickle
+from ec_dit import checkpoint, errors, torch_pickle
 from ec_dit.model import dit_moe
 from ec_dit.training import optimizers
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(errors.CheckpointError):
   """The checkpoint does not fit the config; the message lists every problem found."""
 
 
@@ -38,18 +38,20 @@ def load_state_dict(path: str, weights: str = "auto") -> dict[str, np.ndarray]:
   """
   obj = torch_pickle.load(path)
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
+    raise errors.CheckpointError(f"{path}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
   if weights not in ("auto", "ema", "model"):
-    raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
+    raise errors.CheckpointError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
   if weights == "auto":
     weights = "ema" if "ema" in obj else "model" if "model" in obj else ""
   if weights:
     if weights not in obj:
-      raise ValueError(f"{path}: no {weights!r} entry; top-level keys: {sorted(obj)[:10]}")
+      raise errors.CheckpointError(f"{path}: no {weights!r} entry; top-level keys: {sorted(map(str, obj))[:10]}")
     obj = obj[weights]
-  bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
+  if not isinstance(obj, dict):
+    raise errors.CheckpointError(f"{path}: the {weights!r} entry is a {type(obj).__name__}, not a state dict")
+  bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray) or not isinstance(k, str)]
   if bad:
-    raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
+    raise errors.CheckpointError(f"{path}: entries that are not named tensors: {[repr(k)[:80] for k in bad[:5]]}")
   return {k: v for k, v in obj.items()}
 
 

@@ -11,26 +11,46 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
 from PIL import Image
 
+from ec_dit import errors
+
 Tokenize = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
+def _by_range(a: np.ndarray, mode: str) -> Image.Image:
+  """An 8-bit grey image from a float ("F") or 16/32-bit integer image, scaled by the range its values use:
+  floats in [0, 1] (x 255) or [0, 255]; integers in [0, 255] (as they are) or [0, 65535] (/ 257, 16-bit). Values
+  outside every known range (negative, NaN, over 65535) raise ValueError: the caller skips and lists the image."""
+  if a.size and not np.isfinite(a).all():
+    raise ValueError(f"{mode} image has non-finite values")
+  lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+  if lo < 0 or hi > 65535:
+    raise ValueError(f"{mode} image values span [{lo:g}, {hi:g}], outside the known ranges [0, 1], [0, 255] and "
+                     f"[0, 65535]")
+  if mode == "F":
+    scale = 255.0 if hi <= 1.0 else 1.0 if hi <= 255.0 else 1 / 257.0
+  else:
+    scale = 1 / 257.0 if mode.startswith("I;16") or hi > 255 else 1.0
+  return Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-  """RGB version of a PIL image; transparent pixels are composited on white."""
+  """RGB version of a PIL image; transparent pixels are composited on white; float and 16/32-bit grey images
+  are scaled by their real range (`_by_range`), never clipped to black."""
   if img.mode == "P":
     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
   if img.mode in ("RGBA", "LA", "RGBa", "La"):
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
-  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
-    a = np.asarray(img, np.float64)
-    img = Image.fromarray(np.clip(a / 257.0, 0, 255).astype(np.uint8))
+  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    img = _by_range(np.asarray(img, np.float64), img.mode)
   return img.convert("RGB")
 
 
@@ -47,13 +67,13 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def image_size_of(image: Any) -> tuple[int, int]:
-  """(width, height) of a path or encoded bytes (reading only the header), or of an array."""
-  if isinstance(image, (str, os.PathLike)):
-    with Image.open(image) as f:
-      return f.size
-  if isinstance(image, (bytes, np.bytes_)):
-    with Image.open(io.BytesIO(bytes(image))) as f:
-      return f.size
+  """(width, height) of a path or encoded bytes (reading only the header, so Pillow's decompression-bomb
+  warning is silenced: the caller compares the size with its own limit), or of an array."""
+  if isinstance(image, (str, os.PathLike, bytes, np.bytes_)):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(image if isinstance(image, (str, os.PathLike)) else io.BytesIO(bytes(image))) as f:
+        return f.size
   a = np.asarray(image)
   return (int(a.shape[1]), int(a.shape[0]))
 
@@ -78,7 +98,7 @@ def load_image(image: Any, size: int) -> np.ndarray:
   return np.asarray(center_crop_resize(pil, size), np.uint8)
 
 
-class BadExampleError(ValueError):
+class BadExampleError(errors.DataError):
   """An example that cannot be decoded; the message names its file (or index) and what to do."""
 
 

@@ -28,7 +28,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from ec_dit import schema
+from ec_dit import errors, schema
 from ec_dit.data import latents
 from ec_dit.data.preprocess import UnreadableCaption
 from ec_dit.data.shapes_world import ShapesWorldSource
@@ -63,7 +63,7 @@ def check_source(input_config) -> None:
     if detail is None:
       schema.fail("input.source", f"'latents:DIR', a folder written by `python -m ec_dit.prepare` (see the "
                   f"{schema.PREPARE_README})", c.source)
-    latents.shard_paths(detail, latents.read_manifest(detail))  # raises naming the missing file
+    latents.check_shards(detail, latents.read_manifest(detail))  # every shard readable and shaped as the manifest
 
 
 def validate_input(input_config) -> None:
@@ -109,13 +109,26 @@ def class_folders(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(d for d in folder.iterdir() if d.is_dir() and _folder_images(d))
 
 
-def class_folder_source(folder: pathlib.Path) -> ImageCaptionFiles:
+def read_caption(txt: pathlib.Path, skip_bad_examples: bool):
+  """A caption file's text; if it is not UTF-8, an `UnreadableCaption` with the reason (skipping on) or a
+  `DataError` naming the file (skipping off)."""
+  try:
+    return txt.read_text(encoding="utf-8").strip()
+  except UnicodeDecodeError as e:
+    reason = f"caption file {txt} is not UTF-8 ({e})"
+    if not skip_bad_examples:
+      raise errors.DataError(f"config.input.source: {reason}; re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), "
+                             f"or set config.input.skip_bad_examples=True to skip bad examples") from None
+    return UnreadableCaption(reason)
+
+
+def class_folder_source(folder: pathlib.Path, skip_bad_examples: bool = False) -> ImageCaptionFiles:
   """Images in class subfolders: label = the class's index, caption = a same-stem .txt if present, else ""."""
   pairs, labels = [], []
   for label, d in enumerate(class_folders(folder)):
     for img in _folder_images(d):
       txt = img.with_suffix(".txt")
-      pairs.append((str(img), txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+      pairs.append((str(img), read_caption(txt, skip_bad_examples) if txt.is_file() else ""))
       labels.append(label)
   return ImageCaptionFiles(pairs, labels)
 
@@ -164,15 +177,7 @@ def _folder_pairs(folder: pathlib.Path, c) -> list[tuple[str, str]]:
     if not txt.is_file():
       raise ValueError(f"config.input.source: image {img} has no caption file {txt.name} beside it "
                        f"(and the folder has no {' / '.join(FOLDER_CAPTION_FILES)})")
-    try:
-      caption = txt.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-      reason = f"caption file {txt} is not UTF-8 ({e})"
-      if not c.skip_bad_examples:
-        raise ValueError(f"config.input.source: {reason}; re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), "
-                         f"or set config.input.skip_bad_examples=True to skip bad examples") from None
-      caption = UnreadableCaption(reason)
-    pairs.append((str(img), caption))
+    pairs.append((str(img), read_caption(txt, c.skip_bad_examples)))
   if not pairs:
     raise ValueError(f"config.input.source: folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
   return pairs
@@ -226,7 +231,7 @@ def make_source(input_config):
     return _tfds_source(c)
   if kind == "folder":
     if class_folders(detail):
-      return class_folder_source(detail)
+      return class_folder_source(detail, c.skip_bad_examples)
     return ImageCaptionFiles(_folder_pairs(detail, c))
   if kind == "latents":
     check_source(c)

@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from ec_dit.geneval import generate, harness, layout, prompts as prompts_lib, scores as scores_lib
+from ec_dit import errors
+from ec_dit.geneval import generate, harness, layout, prompts as prompts_lib, reference, scores as scores_lib
 from ec_dit.inference import TextToImagePipeline
 
 
@@ -47,12 +48,12 @@ def _print_problems(folder: str, problems: list[str]) -> None:
     print(f"  ... and {len(problems) - 50} more")
 
 
-def _expected(a) -> tuple[list, int]:
-  """(prompts the folder should hold, samples per prompt): from --prompts, else from the folder itself."""
-  if a.prompts:
-    return prompts_lib.load_prompts(a.prompts), a.n or 4
-  found, most = layout.folder_prompts(a.images)
-  return [p if p is not None else {"prompt": "unknown: no readable metadata.jsonl"} for p in found], a.n or most
+def _expected(a) -> tuple[list, int, str]:
+  """(the reference prompts, samples per prompt, where the prompts come from): --prompts, else the prompts.jsonl
+  generate wrote, else a prompt set the package ships (`ec_dit.geneval.reference`); never the folder's metadata."""
+  ps, source = reference.reference_prompts(a.images, a.prompts)
+  n = a.n or (4 if a.prompts else reference.common_sample_count(a.images) or 4)
+  return ps, n, source
 
 
 def _missing_rows(root: str, ps: list, n: int) -> list[dict]:
@@ -61,33 +62,31 @@ def _missing_rows(root: str, ps: list, n: int) -> list[dict]:
   for i, p in enumerate(ps):
     for j in range(n):
       path = os.path.join(layout.prompt_dir(root, i), "samples", f"{j:04d}.png")
-      if os.path.isfile(path):
-        continue
-      if "tag" not in p:
-        raise ValueError(f"{layout.prompt_dir(root, i)}: its prompt is unknown (no metadata.jsonl), so its missing "
-                         f"images cannot be counted: pass --prompts")
-      rows.append(harness.result_row(path, p, False, "missing image", {}))
+      if not os.path.isfile(path):
+        rows.append(harness.result_row(path, p, False, "missing image", {}))
   return rows
 
 
 def _cmd_evaluate(a) -> int:
-  ps, n = _expected(a)
+  ps, n, source = _expected(a)
+  reference.check_metadata(a.images, ps, source)  # metadata that disagrees is refused, incomplete or not
   problems = layout.check_folder(a.images, ps, n)
   if problems and not a.allow_incomplete:
     _print_problems(a.images, problems)
     print("not evaluated: an incomplete folder would score only the images present. Complete it, or pass "
           "--allow-incomplete to count each missing image as incorrect.")
     return 1
-  rows = harness.evaluate_images(a.images, None, detector=a.detector, progress=not a.quiet,
+  rows = harness.evaluate_images(a.images, None, detector=a.detector, progress=not a.quiet, prompts=ps,
                                  threshold=a.threshold, counting_threshold=a.counting_threshold,
                                  max_objects=a.max_objects, margin=a.position_threshold)
+  rows = [r for r in rows if int(os.path.basename(r["filename"])[:-4]) < n]  # extra samples are not scored
   missing = _missing_rows(a.images, ps, n) if a.allow_incomplete else []
   rows += missing
   if not rows:
     print(f"no samples found under {a.images}", file=sys.stderr)
     return 1
   harness.write_results(rows, a.out)
-  print(f"evaluated {len(rows) - len(missing)} images; wrote {a.out}")
+  print(f"evaluated {len(rows) - len(missing)} images against {source}; wrote {a.out}")
   if a.allow_incomplete:
     expected = len(ps) * n
     print(f"coverage: {expected - len(missing)}/{expected} images ({(expected - len(missing)) / max(expected, 1):.1%}); "
@@ -154,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser("evaluate", help="score an image folder with GenEval's rules")
   s.add_argument("--images", required=True, help="image folder in GenEval's layout")
   s.add_argument("--out", default="results.jsonl", help="results file (default results.jsonl)")
-  s.add_argument("--prompts", help="prompt .jsonl file the folder should hold (default: the folder's metadata)")
+  s.add_argument("--prompts", help="prompt .jsonl file the folder should hold (default: the prompts.jsonl that "
+                 "generate wrote beside the images, else a prompt set the package ships, e.g. GenEval's official)")
   s.add_argument("--n", type=int, default=None,
                  help="samples expected per prompt (default: 4 with --prompts, else the most any prompt has)")
   s.add_argument("--allow-incomplete", action="store_true",
@@ -177,6 +177,9 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (errors.EcDitError, ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
+    return errors.report(e)  # one line, exit code 2
+  except OSError as e:
+    if not errors.is_disk_full(e):
+      raise
+    return errors.report(e)

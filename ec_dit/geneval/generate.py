@@ -9,7 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ec_dit import inference
-from ec_dit.geneval import harness, layout, prompts as prompts_lib, scores as scores_lib
+from ec_dit.geneval import harness, layout, prompts as prompts_lib, reference, scores as scores_lib
 from ec_dit.inference import TextToImagePipeline
 
 
@@ -45,7 +45,7 @@ def evaluate_run(config, workdir: str, *, encoders_config=None) -> dict[str, Any
     print(f"wrote {len(suite)} prompts x {g.images_per_prompt} images in GenEval's layout to "
           f"{os.path.join(out, 'images')}; score them with GenEval's detector:\n{command}", flush=True)
     return {"images": os.path.join(out, "images"), "command": command}
-  rows = harness.evaluate_images(os.path.join(out, "images"), os.path.join(out, "results.jsonl"))
+  rows = harness.evaluate_images(os.path.join(out, "images"), os.path.join(out, "results.jsonl"), prompts=suite)
   scores = scores_lib.summarize(rows)
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(scores, f, indent=2)
@@ -75,3 +75,4 @@ def generate_into(pipe, prompts: list[dict], out_dir: str, *, n: int = 4, seed: 
     widths = {im.shape for im in first}
     if len(widths) == 1:
       layout.save_png(layout.make_grid(first, cols=1), os.path.join(out_dir, "grid.png"))
+  reference.write_beside(prompts, out_dir)  # what `evaluate` scores against (ec_dit.geneval.reference)

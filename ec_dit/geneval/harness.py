@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from ec_dit.data.shapes_world import render_from_metadata
-from ec_dit.geneval import layout, rules
+from ec_dit import errors
+from ec_dit.geneval import layout, prompts as prompts_lib, reference, rules
 from ec_dit.geneval.detectors import Detector, get_detector
 
 
@@ -51,6 +52,7 @@ def render_prompts(prompts: Sequence[dict], out_dir: str, n: int = 4, size: int 
       tiles.extend(imgs)
   if tiles:
     layout.save_png(layout.make_grid(tiles, cols=n), os.path.join(out_dir, "grid.png"))
+  reference.write_beside(prompts, out_dir)
 
 
 def evaluate_image(image: np.ndarray, metadata: dict, detector: Detector,
@@ -88,7 +90,7 @@ def write_results(rows: Sequence[dict], path: str) -> None:
 
 def evaluate_images(image_dir: str, out: str | None = None, detector: str | Detector = "shapes",
                     color_classifier: rules.ColorClassifier = rules.detection_colors,
-                    progress: bool = False, **rule_kwargs) -> list[dict]:
+                    progress: bool = False, prompts: Sequence[dict] | None = None, **rule_kwargs) -> list[dict]:
   """Evaluate every sample under ``image_dir`` (GenEval layout).
 
   Args:
@@ -97,17 +99,36 @@ def evaluate_images(image_dir: str, out: str | None = None, detector: str | Dete
     detector: a :class:`~ec_dit.geneval.detectors.Detector` or its name.
     color_classifier: colour classifier for detectors that attach no colour.
     progress: show a tqdm bar.
+    prompts: the reference prompts (`ec_dit.geneval.reference`); folder i is judged by ``prompts[i]``
+      (default: ``reference.reference_prompts(image_dir)``). A folder whose metadata disagrees is refused.
     **rule_kwargs: ``threshold``, ``counting_threshold``, ``max_objects``,
       ``margin`` (GenEval's defaults otherwise).
 
   Returns:
-    One row per image (see :func:`result_row`).
+    One row per image (see :func:`result_row`). An unreadable image or a folder
+    beyond the prompts raises EvaluationError naming the file.
   """
   det = get_detector(detector) if isinstance(detector, str) else detector
-  jobs = [(path, meta) for _, meta, paths in layout.iter_prompt_folders(image_dir) for path in paths]
+  if prompts is None:
+    prompts, source = reference.reference_prompts(image_dir)
+  else:
+    source = "the prompts given"
+  prompts = [prompts_lib.validate_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+  reference.check_metadata(image_dir, prompts, source)
+  jobs = []
+  for i in layout.prompt_indices(image_dir):
+    paths = layout.sample_files(layout.prompt_dir(image_dir, i))
+    if paths and i >= len(prompts):
+      raise errors.EvaluationError(f"{layout.prompt_dir(image_dir, i)}: extra prompt folder beyond the "
+                                   f"{len(prompts)} prompts of {source}")
+    jobs += [(path, prompts[i]) for path in paths]
   rows = []
   for path, meta in _progress(jobs, progress, desc="evaluate", unit="img"):
-    ok, reason, kept = evaluate_image(layout.load_image(path), meta, det, color_classifier, **rule_kwargs)
+    try:
+      image = layout.load_image(path)
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or not an image: name the file
+      raise errors.EvaluationError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    ok, reason, kept = evaluate_image(image, meta, det, color_classifier, **rule_kwargs)
     rows.append(result_row(path, meta, ok, reason, kept))
   if out:
     write_results(rows, out)

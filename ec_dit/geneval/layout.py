@@ -18,8 +18,8 @@ import numpy as np
 
 from ec_dit.images import load_image, make_grid, save_png
 
-__all__ = ["check_folder", "folder_prompts", "iter_prompt_folders", "load_image", "make_grid", "prompt_dir", "read_metadata",
-           "sample_files", "save_png", "write_prompt_folder"]
+__all__ = ["check_folder", "iter_prompt_folders", "load_image", "make_grid", "prompt_dir",
+           "prompt_indices", "read_metadata", "sample_files", "save_png", "write_prompt_folder"]
 
 _SAMPLE = re.compile(r"^\d+\.png$")
 
@@ -62,6 +62,13 @@ def sample_files(folder: str) -> list[str]:
   return [os.path.join(sdir, n) for n in sorted(names, key=lambda n: int(n[:-4]))]
 
 
+def prompt_indices(root: str) -> list[int]:
+  """The indices of the numeric prompt folders under ``root``, sorted."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder {root!r} does not exist")
+  return sorted(int(s) for s in os.listdir(root) if s.isdigit() and os.path.isdir(os.path.join(root, s)))
+
+
 def iter_prompt_folders(root: str) -> Iterator[tuple[str, dict, list[str]]]:
   """``(folder, metadata, sample paths)`` for every numeric subfolder, in order."""
   if not os.path.isdir(root):
@@ -76,8 +83,8 @@ def check_folder(root: str, prompts: Sequence[dict], n_samples: int = 4) -> list
   """Problems that keep ``root`` from being a complete run of ``prompts``.
 
   Checks every prompt folder exists, has ``metadata.jsonl`` equal to its
-  prompt, and samples ``0000.png .. n-1``. Returns human-readable problems
-  (empty when complete).
+  prompt, and samples ``0000.png .. n-1`` and no others (an extra one is
+  reported once, as "extra"). Returns human-readable problems (empty when complete).
   """
   problems = []
   for i, p in enumerate(prompts):
@@ -98,31 +105,11 @@ def check_folder(root: str, prompts: Sequence[dict], n_samples: int = 4) -> list
                if not os.path.isfile(os.path.join(d, "samples", f"{j:04d}.png"))]
     if missing:
       problems.append(f"{d}/samples: missing {', '.join(missing)}")
+    extra = [os.path.basename(f) for f in sample_files(d) if int(os.path.basename(f)[:-4]) >= n_samples]
+    if extra:
+      problems.append(f"{d}/samples: extra {', '.join(extra)} (expected {n_samples} samples, "
+                      f"0000.png..{n_samples - 1:04d}.png)")
   extra = [s for s in os.listdir(root) if s.isdigit() and int(s) >= len(prompts)] if os.path.isdir(root) else []
   if extra:
     problems.append(f"{root}: {len(extra)} folder(s) beyond the {len(prompts)} prompts, e.g. {sorted(extra)[0]}")
   return problems
-
-
-def folder_prompts(root: str) -> tuple[list[dict | None], int]:
-  """What a folder says it holds, for checking it without a prompt file.
-
-  Returns (the metadata of prompt folders 0..max, None where a folder is
-  missing or has no readable metadata.jsonl; the largest sample count of any
-  prompt folder).
-  """
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"image folder {root!r} does not exist")
-  subs = sorted(int(s) for s in os.listdir(root) if s.isdigit() and os.path.isdir(os.path.join(root, s)))
-  found: list[dict | None] = [None] * (subs[-1] + 1 if subs else 0)
-  n = 0
-  for i in subs:
-    folder = os.path.join(root, f"{i:05d}") if os.path.isdir(prompt_dir(root, i)) else None
-    if folder is None:
-      continue
-    n = max(n, len(sample_files(folder)))
-    try:
-      found[i] = read_metadata(folder)
-    except (OSError, ValueError):
-      found[i] = None
-  return found, n

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ec_dit import errors
 from ec_dit.vocabulary import COLORS, NUMBERS, RELATIONS, SHAPES, TASKS, plural, with_article
 
 COCO_CLASSES = (
@@ -34,7 +35,7 @@ COCO_CLASSES = (
 DOMAINS = {"shapes": SHAPES, "coco": COCO_CLASSES}
 
 
-class PromptError(ValueError):
+class PromptError(errors.EvaluationError):
   """A malformed prompt line; the message names the file, line and field."""
 
 

@@ -8,15 +8,18 @@ Reads any source `config.input.source` accepts (`folder:`, `jsonl:`, `tfds:`,
 writes ArrayRecord shards, `skipped.jsonl` and `manifest.json` to `--out`
 (`ec_dit.prepare.writer`). Rerunning the same command continues a killed run.
 Several processes (`--coordinator_address`, `--num_processes`, `--process_id`,
-or a TPU pod slice) each encode a disjoint slice of the shards.
+or a TPU pod slice) each encode a disjoint slice of the shards. Expected failures
+are one line on stderr with exit code 2 (`ec_dit.errors`).
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import distributed, schema
+from ec_dit import distributed, errors, schema
 from ec_dit.data import sources
 from ec_dit.prepare import dataset
 
@@ -27,6 +30,8 @@ flags.DEFINE_string("out", None, "Output folder for the shards and manifest.json
 flags.DEFINE_integer("examples_per_shard", 1024, "Source examples per shard (the unit of resumption).")
 flags.DEFINE_integer("min_image_size", None, "Skip images whose shorter side is smaller "
                      "(default: a quarter of config.input.image_size).")
+flags.DEFINE_integer("max_image_pixels", 36_000_000, "Skip (and list) images with more pixels, read from their "
+                     "header before decoding (a small PNG can decode to gigabytes; Pillow warns only at 89M).")
 flags.DEFINE_integer("max_shards", None, "Stop after writing this many shards (rerun to continue).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -35,6 +40,19 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  """Runs `run`; expected failures (bad input, a resume that does not match, a full disk) are one line, exit 2."""
+  try:
+    run(argv)
+  except (errors.EcDitError, ValueError, FileNotFoundError) as e:
+    sys.exit(errors.report(e))
+  except OSError as e:
+    if not errors.is_disk_full(e):
+      raise
+    sys.exit(errors.report(e))
+
+
+def run(argv):
+  """Checks the flags and the source, then encodes (`ec_dit.prepare.dataset.prepare_dataset`)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
@@ -52,7 +70,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   dataset.prepare_dataset(config, FLAGS.out, examples_per_shard=FLAGS.examples_per_shard,
-                          min_image_size=FLAGS.min_image_size, max_shards=FLAGS.max_shards)
+                          min_image_size=FLAGS.min_image_size, max_shards=FLAGS.max_shards,
+                          max_image_pixels=FLAGS.max_image_pixels)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ for the shard layout, resumption and the handling of bad input).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -14,10 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ec_dit import schema
+from ec_dit import schema, workdir_lock
 from ec_dit.data import sources
 from ec_dit.encoders.frozen import FrozenEncoders
-from ec_dit.prepare import writer
+from ec_dit.prepare import state, writer
 
 
 def local_mesh() -> Mesh:
@@ -47,31 +48,77 @@ def manifest_fields(config, encoders: FrozenEncoders, source: str) -> dict:
   }
 
 
+def _lock(out: str) -> workdir_lock.Lock | None:
+  """Process 0 takes `out`'s lock (the one training takes); every process learns whether it got it."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    try:
+      lock = workdir_lock.Lock(out, report=lambda m: print(f"prepare: {m}", file=sys.stderr, flush=True))
+    except workdir_lock.WorkdirError as e:
+      error = e
+  failed = np.int32(error is not None)
+  if jax.process_count() > 1:
+    failed = np.max(multihost_utils.process_allgather(failed))
+  if error is not None:
+    raise error
+  if failed:
+    raise workdir_lock.WorkdirError(f"process 0 could not lock {out} (see its log)")
+  return lock
+
+
 def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_image_size: int | None = None,
-                    max_shards: int | None = None, encoders: FrozenEncoders | None = None) -> dict | None:
+                    max_shards: int | None = None, encoders: FrozenEncoders | None = None,
+                    max_image_pixels: int = writer.MAX_IMAGE_PIXELS) -> dict | None:
   """Encodes `config.input.source` into `out`; returns the manifest, or None while shards remain.
 
   Every process (`jax.process_index()` of `jax.process_count()`) encodes its own
   shards on its local devices; process 0 writes the manifest once all are complete.
   `min_image_size` defaults to a quarter of `config.input.image_size`. A class-conditional
   config (`needs_text`) needs no T5: only the VAE is loaded.
+
+  `out` is locked like a training workdir (one job at a time). Before anything is
+  written, the fingerprint of what determines the shards (`ec_dit.prepare.state`:
+  encoder files, examples_per_shard, image size, caption length, image limits, the
+  source listing) is compared with the one `out` was started with: any difference
+  raises PrepareError listing old -> new.
   """
   c = schema.validate_input(config.input)
   sources.check_source(c)
   if examples_per_shard < 1:
     raise ValueError(f"--examples_per_shard must be >= 1, got {examples_per_shard}")
+  if max_image_pixels < 1:
+    raise ValueError(f"--max_image_pixels must be >= 1, got {max_image_pixels}")
   min_size = c.image_size // 4 if min_image_size is None else min_image_size
+  lock = _lock(out)
+  try:
+    return _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders, max_image_pixels)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders, max_image_pixels):
+  # -- The fingerprint, checked against the folder's before anything is written or loaded ------
+  source = sources.make_source(c)
+  fp = state.fingerprint(config, c, source, examples_per_shard=examples_per_shard, min_image_size=min_size,
+                         max_image_pixels=max_image_pixels, need_t5=needs_text(config))
+  state.check_resume(out, fp, writer.has_shards(out))
+  if jax.process_count() > 1:  # every process has compared before process 0 records
+    multihost_utils.sync_global_devices("ec_dit.prepare state checked")
+  if jax.process_index() == 0:
+    state.record(out, fp)
   # -- Encoders (frozen), placed on this process's devices ------------------------
   encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len,
                                                    need_t5=needs_text(config), mesh=local_mesh())
-  fields = manifest_fields(config, encoders, c.source)  # also checks image_size against the VAE
+  fields = dict(manifest_fields(config, encoders, c.source), fingerprint=fp)  # also checks image_size vs the VAE
   # -- Encode this process's shards ------------------------------------------------
-  source = sources.make_source(c)
   result = writer.prepare_shards(
       source, out, encoders=encoders, image_size=c.image_size, min_image_size=min_size,
       examples_per_shard=examples_per_shard, batch_size=config.encoders.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(), max_shards=max_shards,
-      keys={"image_key": c.image_key, "caption_key": c.caption_key}, progress=jax.process_index() == 0)
+      keys={"image_key": c.image_key, "caption_key": c.caption_key}, progress=jax.process_index() == 0,
+      max_image_pixels=max_image_pixels)
   print(json.dumps({"process": jax.process_index(), **result}), flush=True)
   # -- Manifest, once every process is done ----------------------------------------
   complete = np.int32(result["complete"])

@@ -9,8 +9,10 @@ restarted, skips the shards already complete, and no reader ever sees half a
 shard. Records depend only on the example and the encoders, so the same input
 gives byte-identical shards, however many processes or restarts.
 
-Bad input loses nothing and stops nothing: an unreadable, corrupt or too small
-image is skipped and listed in `skipped.jsonl` with its reason; an empty
+Bad input loses nothing and stops nothing: an unreadable, corrupt, too small or
+too large image (over `max_image_pixels`, checked from its header before decoding),
+or a float / 16-bit image whose values fit no known range, is skipped and listed in
+`skipped.jsonl` with its reason; an empty
 caption is kept (it trains the unconditional model); a caption longer than the
 context is truncated and counted. The manifest is written last, by process 0.
 """
@@ -44,9 +46,16 @@ class Example:
   skipped: str | None = None
 
 
+MAX_IMAGE_PIXELS = 36_000_000  # 6000 x 6000: well under Pillow's 89M-pixel bomb warning; --max_image_pixels
+
+
 def read_example(source, index: int, *, image_size: int, min_image_size: int, image_key: str = "image",
-                 caption_key: str = "caption", label_key: str = "label") -> Example:
-  """Reads example `index` of `source`; a bad image or caption becomes a skip reason, never an exception."""
+                 caption_key: str = "caption", label_key: str = "label",
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Example:
+  """Reads example `index` of `source`; a bad image or caption becomes a skip reason, never an exception.
+
+  The image's size is read from its header first: one over `max_image_pixels` is
+  skipped before it is decoded (a small PNG can decode to gigabytes)."""
   try:
     raw = source[index]
   except Exception as e:  # noqa: BLE001 - a source that cannot produce the example: skip it
@@ -65,6 +74,9 @@ def read_example(source, index: int, *, image_size: int, min_image_size: int, im
     if min(size) < min_image_size:
       return Example(index, caption, label, skipped=f"image {where} is {size[0]}x{size[1]}, smaller than "
                                                         f"--min_image_size={min_image_size}")
+    if size[0] * size[1] > max_image_pixels:
+      return Example(index, caption, label, skipped=f"image {where} is {size[0]}x{size[1]} = {size[0] * size[1]} "
+                                                        f"pixels, over --max_image_pixels={max_image_pixels}")
     image = preprocess.load_image(raw[image_key], image_size)
   except Exception as e:  # noqa: BLE001 - corrupt, truncated or unreadable image: skip it, say why
     return Example(index, caption, label, skipped=f"image {where} cannot be read: {type(e).__name__}: {e}")
@@ -74,6 +86,12 @@ def read_example(source, index: int, *, image_size: int, min_image_size: int, im
 def shard_ranges(num_examples: int, per_shard: int) -> list[tuple[int, int]]:
   """[start, stop) of each shard's source indices."""
   return [(s, min(s + per_shard, num_examples)) for s in range(0, num_examples, per_shard)]
+
+
+def has_shards(out: str | os.PathLike) -> bool:
+  """Whether `out` holds any shard or shard sidecar (finished or not)."""
+  out = pathlib.Path(out)
+  return out.is_dir() and any(p.name.startswith("shard-") for p in out.iterdir())
 
 
 def is_complete(out: pathlib.Path, name: str) -> bool:
@@ -124,7 +142,8 @@ def encode_shard(examples: list[Example], encoders, batch_size: int) -> tuple[li
 
 def prepare_shards(source, out: str | os.PathLike, *, encoders, image_size: int, min_image_size: int,
                    examples_per_shard: int, batch_size: int, process_index: int = 0, process_count: int = 1,
-                   max_shards: int | None = None, keys: dict | None = None, progress: bool = True) -> dict:
+                   max_shards: int | None = None, keys: dict | None = None, progress: bool = True,
+                   max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
   """Encodes this process's shards of `source` into `out` (skipping complete ones); returns counts.
 
   `max_shards` stops after that many newly written shards (a preemptible job can
@@ -140,24 +159,23 @@ def prepare_shards(source, out: str | os.PathLike, *, encoders, image_size: int,
   done_before = len(mine) - len(todo)
   written = images = 0
   t0 = time.time()
-  bar = tqdm(total=sum(ranges[s][1] - ranges[s][0] for s in mine), desc="prepare", unit="img",
-             disable=not progress, dynamic_ncols=True)
-  bar.update(sum(ranges[s][1] - ranges[s][0] for s in mine if s not in todo))
-  for s in todo:
-    if max_shards is not None and written >= max_shards:
-      break
-    start, stop = ranges[s]
-    examples = [read_example(source, i, image_size=image_size, min_image_size=min_image_size, **keys)
-                for i in range(start, stop)]
-    records, truncated = encode_shard(examples, encoders, batch_size)
-    skipped = [{"index": e.index, "reason": e.skipped} for e in examples if e.skipped is not None]
-    write_shard(out, names[s], records, {"shard": s, "count": len(records), "skipped": skipped,
-                                         "truncated": truncated, "range": [start, stop]})
-    written += 1
-    images += stop - start
-    bar.update(stop - start)
-    bar.set_postfix(img_per_s=f"{images / max(time.time() - t0, 1e-9):.1f}")
-  bar.close()
+  with tqdm(total=sum(ranges[s][1] - ranges[s][0] for s in mine), desc="prepare", unit="img",
+            disable=not progress, dynamic_ncols=True) as bar:  # closed on errors too: the error line comes last
+    bar.update(sum(ranges[s][1] - ranges[s][0] for s in mine if s not in todo))
+    for s in todo:
+      if max_shards is not None and written >= max_shards:
+        break
+      start, stop = ranges[s]
+      examples = [read_example(source, i, image_size=image_size, min_image_size=min_image_size,
+                               max_image_pixels=max_image_pixels, **keys) for i in range(start, stop)]
+      records, truncated = encode_shard(examples, encoders, batch_size)
+      skipped = [{"index": e.index, "reason": e.skipped} for e in examples if e.skipped is not None]
+      write_shard(out, names[s], records, {"shard": s, "count": len(records), "skipped": skipped,
+                                           "truncated": truncated, "range": [start, stop]})
+      written += 1
+      images += stop - start
+      bar.update(stop - start)
+      bar.set_postfix(img_per_s=f"{images / max(time.time() - t0, 1e-9):.1f}")
   return {"shards_total": len(ranges), "shards_mine": len(mine), "shards_done_before": done_before,
           "shards_written": written, "complete": all(is_complete(out, names[s]) for s in mine)}
 

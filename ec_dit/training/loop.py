@@ -65,7 +65,7 @@ def _tokenize(config):
     arch.check_class_cond_source(config)
   kind, folder = schema.parse_source(config.input.source)
   if kind == "latents":
-    latents.check_compatible(latents.read_manifest(folder), config.model)
+    latents.check_compatible(latents.read_manifest(folder), config.model, where=os.path.join(folder, latents.MANIFEST))
     return None
   return tokenizer_lib.tokenizer_from_config(config).encode
 
