@@ -23,7 +23,11 @@ DROPLESS_IMPLS = ("auto", "ragged_dot", "tiles")
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")
-PREDICTIONS = ("velocity", "x0")          # what the network outputs (ec_dit.model.dit)
+PREDICTIONS = ("velocity", "x0", "epsilon")  # what the network outputs (ec_dit.model.dit)
+CONDITIONINGS = ("adaln_zero", "adaln_single")  # per-block adaLN-Zero (DiT) or PixArt-alpha's adaLN-single
+POSITIONS = ("ec_dit", "pixart")  # 2-D sin-cos order and scaling (ec_dit.model.embeddings)
+DDPM_SAMPLERS = ("ddpm", "ddim")  # text-to-image samplers of prediction="epsilon" models (ec_dit.text_ddpm)
+DDPM_TIMESTEPS = 1000  # prediction="epsilon": PixArt-alpha's (and DiT's) linear betas 1e-4..0.02 over 1000 steps
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per block (ec_dit.model.dit)
 TOKENIZERS = ("words", "bytes")
 TEXT_ENCODERS = ("trainable", "t5")  # trained with the DiT, or frozen T5 features prepared beforehand
@@ -83,7 +87,12 @@ def model_defaults() -> ml_collections.ConfigDict:
       context_len=120,        # text tokens per prompt (PixArt-alpha's T5 length)
       pooled_text_conditioning=False,  # add the mean text feature to the adaLN conditioning
       long_skips=False,       # U-ViT long skip connections from the first to the last blocks
-      prediction="velocity",  # what the network outputs: one of PREDICTIONS
+      prediction="velocity",  # what the network outputs: one of PREDICTIONS ("epsilon": DDPM, PixArt-alpha)
+      learn_sigma=False,      # prediction="epsilon": 2C output channels, the second C the learned variance
+      conditioning="adaln_zero",  # one of CONDITIONINGS; "adaln_single" is PixArt-alpha's (one t-MLP for all blocks)
+      micro_conditions=False,  # adaln_single: PixArt-alpha 1024's resolution and aspect-ratio embeddings
+      positions="ec_dit",     # one of POSITIONS; "pixart" for imported PixArt-alpha weights
+      pos_interpolation_scale=1.0,  # positions="pixart": coordinates divided by it (2 in PixArt's 1024 px model)
       dtype="float32",        # compute dtype; parameters stay float32
       remat_policy="none",    # activation checkpointing per block: one of REMAT_POLICIES
       ffn=dict(
@@ -134,6 +143,29 @@ def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) 
   m.hidden_size, m.depth, m.num_heads = hidden_size, depth, num_heads
   m.ffn.num_experts = num_experts
   return m
+
+
+PIXART_RESOLUTIONS = (256, 512, 1024)  # PixArt-alpha XL/2's released image sizes (configs/pixart_alpha.py)
+
+
+def pixart_alpha_config(resolution: int = 256) -> ml_collections.ConfigDict:
+  """PixArt-alpha XL/2 (Chen et al. 2023) as options of the text-to-image DiT: d 1152, 28 layers, 16 heads,
+  a dense GELU FFN of width 4d, adaLN-single, caption projection from T5-XXL (4096) at 120 tokens, an
+  epsilon-predicting DDPM with learned sigma (8 channels); the 1024 px model adds micro-conditions and
+  positions at interpolation scale 2. Sampled with DDIM (`ec_dit.text_ddpm`) and guidance 4.5."""
+  if resolution not in PIXART_RESOLUTIONS:
+    raise ValueError(f"PixArt-alpha resolution must be one of {PIXART_RESOLUTIONS}, got {resolution!r}")
+  config = paper_config(hidden_size=1152, depth=28, num_heads=16, num_experts=32)
+  m = config.model
+  m.input_size = resolution // 8
+  m.ffn.kind, m.ffn.activation, m.ffn.dense_mlp_ratio = "dense", "gelu", m.mlp_ratio
+  m.prediction, m.learn_sigma, m.conditioning, m.positions = "epsilon", True, "adaln_single", "pixart"
+  m.micro_conditions = resolution == 1024  # diffusers: use_additional_conditions = (sample_size == 128)
+  m.pos_interpolation_scale = float(max(m.input_size // 64, 1))
+  config.input.image_size = resolution
+  config.sample.sampler, config.sample.num_steps, config.sample.guidance_scale = "ddim", 50, 4.5
+  config.optimizer, config.learning_rate, config.weight_decay = "adamw", 2e-5, 0.03  # PixArt-alpha's fine-tuning
+  return config
 
 
 def input_defaults() -> ml_collections.ConfigDict:

@@ -82,8 +82,10 @@ def flops_per_image(m) -> int:
   total = 2 * n * patch_dim * d                       # patch embedding
   total += 2 * (256 * d + d * d)                      # timestep MLP
   total += 2 * length * (m.context_dim * d + d * d)   # caption projection
+  single = m.get("conditioning", "adaln_zero") == "adaln_single"
+  total += 2 * d * 6 * d if single else 0                           # adaLN-single's t_block, once
   for i in range(m.depth):
-    total += 2 * d * 6 * d                                          # adaLN
+    total += 0 if single else 2 * d * 6 * d                         # adaLN
     total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # self-attention
     total += 2 * n * d * d + 2 * length * d * 2 * d + 2 * 2 * n * length * d + 2 * n * d * d  # cross
     hidden = int(m.mlp_ratio * d)
@@ -99,7 +101,8 @@ def flops_per_image(m) -> int:
         total += n * f.num_shared_experts * mlp
   if m.long_skips:
     total += dit.num_long_skips(m.depth) * 2 * n * 2 * d * d         # U-ViT skip projections
-  total += 2 * d * 2 * d + 2 * n * d * patch_dim                    # final layer
+  out_dim = patch_dim * (2 if m.get("learn_sigma", False) else 1)
+  total += (0 if single else 2 * d * 2 * d) + 2 * n * d * out_dim   # final layer
   return int(total)
 
 
