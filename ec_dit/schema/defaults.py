@@ -235,6 +235,14 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",   # compute and parameter dtype of both: one of DTYPES
       batch_size=16,     # images (or prompts) per jitted encoder / decoder call
   ))
+  # Where an upcycled run's MoE came from (ec_dit.upcycle); written by the upcycler, read by nobody.
+  config.upcycled = ml_collections.ConfigDict(dict(
+      source="",             # the dense run or checkpoint ("" = not upcycled)
+      source_step=-1,        # its checkpoint step
+      num_experts=0, routing="",
+      router_init="",        # "normal" (DiT-MoE's upcycle.py: N(0, 0.02)) or "zeros"
+      optimizer_state="",    # "reset" (fresh optimizer, step 0) or "carry" (step and moments copied)
+  ))
   config.mesh = mesh_defaults()  # device mesh and logical-to-mesh rules (ec_dit.sharding)
   # Training, in the Flax examples' style: any field can be set as --config.FIELD=VALUE.
   config.seed = 0
