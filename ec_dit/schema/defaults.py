@@ -145,29 +145,6 @@ def paper_model(hidden_size: int, depth: int, num_heads: int, num_experts: int) 
   return m
 
 
-PIXART_RESOLUTIONS = (256, 512, 1024)  # PixArt-alpha XL/2's released image sizes (configs/pixart_alpha.py)
-
-
-def pixart_alpha_config(resolution: int = 256) -> ml_collections.ConfigDict:
-  """PixArt-alpha XL/2 (Chen et al. 2023) as options of the text-to-image DiT: d 1152, 28 layers, 16 heads,
-  a dense GELU FFN of width 4d, adaLN-single, caption projection from T5-XXL (4096) at 120 tokens, an
-  epsilon-predicting DDPM with learned sigma (8 channels); the 1024 px model adds micro-conditions and
-  positions at interpolation scale 2. Sampled with DDIM (`ec_dit.text_ddpm`) and guidance 4.5."""
-  if resolution not in PIXART_RESOLUTIONS:
-    raise ValueError(f"PixArt-alpha resolution must be one of {PIXART_RESOLUTIONS}, got {resolution!r}")
-  config = paper_config(hidden_size=1152, depth=28, num_heads=16, num_experts=32)
-  m = config.model
-  m.input_size = resolution // 8
-  m.ffn.kind, m.ffn.activation, m.ffn.dense_mlp_ratio = "dense", "gelu", m.mlp_ratio
-  m.prediction, m.learn_sigma, m.conditioning, m.positions = "epsilon", True, "adaln_single", "pixart"
-  m.micro_conditions = resolution == 1024  # diffusers: use_additional_conditions = (sample_size == 128)
-  m.pos_interpolation_scale = float(max(m.input_size // 64, 1))
-  config.input.image_size = resolution
-  config.sample.sampler, config.sample.num_steps, config.sample.guidance_scale = "ddim", 50, 4.5
-  config.optimizer, config.learning_rate, config.weight_decay = "adamw", 2e-5, 0.03  # PixArt-alpha's fine-tuning
-  return config
-
-
 def input_defaults() -> ml_collections.ConfigDict:
   """The `config.input` section with its defaults (read by `ec_dit.data`).
 

@@ -18,10 +18,11 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.class_cond import validate_class_cond
-from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, CONDITIONINGS, DDPM_SAMPLERS, DDPM_TIMESTEPS,
-                                    DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS, GENEVAL_DOMAINS, MESH_AXES,
-                                    MIN_IMAGE_SIZE, OPTIMIZERS, POSITIONS, PREDICTIONS, PREPARE_README, REMAT_POLICIES,
-                                    SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config, input_defaults)
+from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
+                                    GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
+                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
+                                    input_defaults)
+from ec_dit.schema.pixart import check_sampler, validate_pixart_options
 
 
 def fail(field: str, allowed: str, got: Any):
@@ -65,7 +66,7 @@ def validate_model(m, prefix: str = "model") -> None:
     fail(f"{prefix}.long_skips", "True or False", m.long_skips)
   if m.prediction not in PREDICTIONS:
     fail(f"{prefix}.prediction", f"one of {PREDICTIONS}", m.prediction)
-  _validate_pixart_options(m, prefix)
+  validate_pixart_options(m, prefix)
   if m.remat_policy not in REMAT_POLICIES:
     fail(f"{prefix}.remat_policy", f"one of {REMAT_POLICIES}", m.remat_policy)
   p = f"{prefix}.ffn"
@@ -101,27 +102,6 @@ def validate_model(m, prefix: str = "model") -> None:
   g = f.routing_group_size
   if not isinstance(g, int) or g < 0 or (g and tokens % g and g % tokens):
     fail(f"{p}.routing_group_size", f"0 (per image) or a divisor or multiple of tokens per image ({tokens})", g)
-
-
-def _validate_pixart_options(m, prefix: str) -> None:
-  """The PixArt-alpha options of the text-to-image DiT (conditioning, learned sigma, micro-conditions, positions)."""
-  if m.conditioning not in CONDITIONINGS:
-    fail(f"{prefix}.conditioning", f"one of {CONDITIONINGS}", m.conditioning)
-  for name in ("learn_sigma", "micro_conditions"):
-    if not isinstance(m[name], bool):
-      fail(f"{prefix}.{name}", "True or False", m[name])
-  if m.learn_sigma and m.prediction != "epsilon":
-    fail(f"{prefix}.learn_sigma", "False unless prediction='epsilon' (a learned variance is a DDPM output)",
-         m.learn_sigma)
-  if m.micro_conditions and m.conditioning != "adaln_single":
-    fail(f"{prefix}.micro_conditions", "False unless conditioning='adaln_single' (PixArt-alpha's)",
-         m.micro_conditions)
-  if m.micro_conditions and m.hidden_size % 3:
-    fail(f"{prefix}.hidden_size", "divisible by 3 with micro_conditions (three d/3 embeddings)", m.hidden_size)
-  if m.positions not in POSITIONS:
-    fail(f"{prefix}.positions", f"one of {POSITIONS}", m.positions)
-  if not _is_number(m.pos_interpolation_scale) or m.pos_interpolation_scale <= 0:
-    fail(f"{prefix}.pos_interpolation_scale", "a number > 0", m.pos_interpolation_scale)
 
 
 def validate(config) -> None:
@@ -213,11 +193,7 @@ def validate_training(config) -> None:
   _check_range(d, "loss_t_min", 0.0, 1.0, "diffusion.")
 
   s = config.sample
-  allowed = DDPM_SAMPLERS if config.model.prediction == "epsilon" else SAMPLERS
-  if s.sampler not in allowed:
-    fail("sample.sampler", f"one of {allowed} with model.prediction={config.model.prediction!r}", s.sampler)
-  if config.model.prediction == "epsilon" and s.num_steps > DDPM_TIMESTEPS:
-    fail("sample.num_steps", f"at most {DDPM_TIMESTEPS} (respaced DDPM steps)", s.num_steps)
+  check_sampler(s, config.model.prediction, SAMPLERS)
   _check_int(s, "num_steps", 1, "sample.")
   _check_int(s, "seed", 0, "sample.")
   _check_range(s, "guidance_scale", 0.0, inf, "sample.")
