@@ -14,6 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from ec_dit import class_diffusion, ddpm
 from ec_dit.convert import dit, mapping
+from ec_dit.tools import model_summary
+from helpers import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIFFUSERS = os.path.join(HERE, "fixtures", "dit", "dit_diffusers")
@@ -79,3 +81,10 @@ def test_refuses_mismatched_shapes_and_untied_embedders(tmp_path):
 def test_facebook_needs_heads_for_an_unreleased_width():
   with pytest.raises(ValueError, match="num_heads"):
     dit.load(FACEBOOK)
+
+
+def test_summary_equals_dit_xl2_published_count():
+  """DiT-XL/2 at 256 px: 675,129,632 parameters in DiT's models.py (its train.py prints it; counted here on the
+  meta device with the fixture script's timm stand-ins), pos_embed included, which ec-dit computes instead."""
+  config = load_config("dit", "XL-2-256")
+  assert model_summary.summarize(config.model)["reference_params"] == 675_129_632

@@ -139,3 +139,16 @@ def test_pixart_options_are_validated():
   config.sample.sampler = "euler"
   with pytest.raises(ValueError, match="sample.sampler"):
     schema.validate(config)
+
+
+@pytest.mark.parametrize("sample_size,resolution", [(32, 256), (64, 512), (128, 1024)])
+def test_converted_config_is_the_configs_file(sample_size, resolution):
+  """A converted hub checkpoint continues training with --config=configs/pixart_alpha.py:RES (same state fields)."""
+  hub = {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": 16, "attention_head_dim": 72,
+         "in_channels": 4, "out_channels": 8, "num_layers": 28, "cross_attention_dim": 1152, "patch_size": 2,
+         "sample_size": sample_size, "caption_channels": 4096, "norm_type": "ada_norm_single", "norm_eps": 1e-6,
+         "activation_fn": "gelu-approximate", "attention_bias": True, "norm_elementwise_affine": False}
+  converted = pixart.config_from_diffusers(hub)
+  differences = schema.config_differences(load_config("pixart_alpha", str(resolution)).to_dict(), converted.to_dict())
+  state, _ = schema.split_differences(differences)
+  assert not state, state
