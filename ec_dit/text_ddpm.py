@@ -40,7 +40,8 @@ def loss(model, images, tokens, mask, key, *, uncond_prob: float = 0.1):
   """DDPM loss (MSE on the noise, plus the VB term for a learned sigma) and the MoE auxiliary losses.
 
   `model` is a TextToImage; an example's text is dropped (all-False mask) with
-  probability `uncond_prob`. Returns (loss, aux) as `diffusion.rectified_flow_loss`.
+  probability `uncond_prob`. Returns (loss, aux) as `diffusion.rectified_flow_loss`, with aux["mse"] the
+  noise MSE and aux["vb"] the variational bound term (zero without learned sigma).
   """
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   b = images.shape[0]
@@ -50,8 +51,7 @@ def loss(model, images, tokens, mask, key, *, uncond_prob: float = 0.1):
   keep = jax.random.uniform(k_drop, (b,)) >= uncond_prob
   mask = jnp.logical_and(mask, keep[:, None])
   terms, aux = proc.training_losses(lambda x, tt: model(x, tt, tokens, mask), images, t, noise)
-  mse = jnp.mean(terms["loss"])
-  return mse + aux["aux_loss"], {"mse": mse, **aux}
+  return jnp.mean(terms["loss"]) + aux["aux_loss"], {"mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]), **aux}
 
 
 def _guided(model, cache: dit_lib.ContextCache, null_cache: dit_lib.ContextCache | None, guidance_scale: float):

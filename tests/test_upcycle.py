@@ -1,4 +1,4 @@
-"""Sparse upcycling: experts copy the dense FFN; what that preserves for token choice and what changes for expert choice."""
+"""Sparse upcycling: experts copy the dense FFN; what it preserves for token choice, what changes for expert choice."""
 
 import os
 

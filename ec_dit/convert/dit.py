@@ -101,7 +101,8 @@ def _map_facebook(sd: dict, config, origin: str) -> dict:
   grid = config.model.input_size // config.model.patch_size
   theirs = np.asarray(sd["pos_embed"], np.float32).reshape(-1, config.model.hidden_size)
   if not np.allclose(theirs, dit_moe.dit_pos_embed(config.model.hidden_size, grid), atol=1e-4):
-    raise mapping.CheckpointMismatch(f"{origin}: pos_embed is not DiT's fixed sin-cos embedding of a {grid}x{grid} grid")
+    raise mapping.CheckpointMismatch(f"{origin}: pos_embed is not DiT's fixed sin-cos embedding of a "
+                                     f"{grid}x{grid} grid")
   return params
 
 
@@ -151,7 +152,8 @@ def _map_diffusers(sd: dict, config, origin: str) -> dict:
   return mp.finish(dit_moe.abstract_params(config))
 
 
-def convert(path: str, *, num_heads: int | None = None, weights: str = "auto") -> tuple[dict, ml_collections.ConfigDict]:
+def convert(path: str, *, num_heads: int | None = None,
+            weights: str = "auto") -> tuple[dict, ml_collections.ConfigDict]:
   """(parameter tree, config) of a DiT checkpoint: a facebookresearch/DiT `.pt` file or a diffusers folder."""
   if os.path.isdir(path):
     cfg, sd = pixart.read_folder(path)

@@ -64,7 +64,8 @@ def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0, scale
   return emb
 
 
-def pixart_positions(embed_dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float) -> np.ndarray:
+def pixart_positions(embed_dim: int, grid_h: int, grid_w: int, base_size: int,
+                     interpolation_scale: float) -> np.ndarray:
   """PixArt-alpha's (and diffusers' `get_2d_sincos_pos_embed`) positions [grid_h*grid_w, D].
 
   The first half of the channels encodes the column, the second the row (DiT's
