@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ec_dit import checkpoint, diffusion, images as images_lib, schema, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, diffusion, images as images_lib, schema, text_ddpm, tokenizer as tokenizer_lib
 from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import abstract_model
 
@@ -114,8 +114,13 @@ class TextToImagePipeline:
     return self.encoders.decode(np.asarray(samples)) if self.latent else diffusion.to_uint8(samples)
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-  def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, guidance_parallel, sampler):
+  def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, guidance_parallel, sampler, null=None):
     model = nnx.merge(self._graphdef, params)
+    if self.config.model.prediction == "epsilon":  # DDPM / DDIM (PixArt-alpha): ec_dit.text_ddpm
+      return text_ddpm.sample(model, tokens, mask, key, image_shape=self.image_shape, num_steps=num_steps,
+                              guidance_scale=guidance_scale, sampler=sampler,
+                              null_context=None if null is None else null[0],
+                              null_mask=None if null is None else null[1])
     return diffusion.sample(model, tokens, mask, key, image_shape=self.image_shape, num_steps=num_steps,
                             guidance_scale=guidance_scale, guidance_parallel=guidance_parallel, sampler=sampler)
 
@@ -137,8 +142,13 @@ class TextToImagePipeline:
     guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
     guidance_parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
     sampler = sampler or s.sampler
-    if sampler not in diffusion.SAMPLERS:
-      raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, got {sampler!r}")
+    allowed = schema.DDPM_SAMPLERS if self.config.model.prediction == "epsilon" else diffusion.SAMPLERS
+    if sampler not in allowed:
+      raise ValueError(f"sampler must be one of {allowed}, got {sampler!r}")
+    null = None
+    if self.config.model.prediction == "epsilon" and self.latent:  # PixArt's unconditional text: T5 of ""
+      features, null_mask = self.encode_prompts([""])
+      null = (jnp.asarray(features[0]), jnp.asarray(null_mask[0]))
     if isinstance(prompts, str):
       prompts = [prompts]
     jobs = [(first_index + i, j, p) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
@@ -151,7 +161,7 @@ class TextToImagePipeline:
       keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
-                            guidance_scale, guidance_parallel, sampler)
+                            guidance_scale, guidance_parallel, sampler, null)
       out.append(self.to_images(images[:len(chunk)]))
     if not out:
       size = self.config.input.image_size if self.latent else self.image_shape[0]

@@ -58,7 +58,7 @@ from contextlib import nullcontext  # noqa: E402
     ("model.ffn.dispatch", "magic", r"config\.model\.ffn\.dispatch: must be one of"),
     ("model.ffn.routing_group_size", 100, r"config\.model\.ffn\.routing_group_size"),
     ("model.dtype", "float16", r"config\.model\.dtype: must be one of"),
-    ("model.prediction", "eps", r"config\.model\.prediction: must be one of \('velocity', 'x0'\)"),
+    ("model.prediction", "eps", r"config\.model\.prediction: must be one of \('velocity', 'x0', 'epsilon'\)"),
     # training, text, diffusion, sampling and GenEval fields fail before anything is built
     ("num_train_steps", -5, r"config\.num_train_steps: must be an integer >= 0, got -5"),
     ("batch_size", 0, r"config\.batch_size: must be an integer >= 1"),

@@ -184,18 +184,21 @@ def _expected_names(config) -> set[str]:
   return names
 
 
-def write_run(config, params: dict, out_dir: str) -> str:
-  """Writes `out_dir/config.json` and a step-0 checkpoint (state with a fresh optimizer, EMA = params)."""
+def write_run(config, params: dict, out_dir: str, *, ema: dict | None = None, opt_state=None, step: int = 0) -> str:
+  """Writes `out_dir/config.json` and a checkpoint at `step` (default 0): the state with `opt_state` (default:
+  a fresh optimizer of `config`) and the EMA weights (default: the parameters)."""
   os.makedirs(out_dir, exist_ok=True)
   if os.path.isdir(checkpoint.checkpoint_dir(out_dir)) and os.listdir(checkpoint.checkpoint_dir(out_dir)):
     raise FileExistsError(f"{checkpoint.checkpoint_dir(out_dir)} already holds checkpoints; choose a new --out")
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
   params = jax.tree.map(np.asarray, params)
-  tx = optimizers.make_optimizer(config)
-  state = {"step": np.zeros((), np.int32), "params": params, "opt_state": jax.device_get(tx.init(params))}
+  if opt_state is None:
+    opt_state = optimizers.make_optimizer(config).init(params)
+  state = {"step": np.asarray(step, np.int32), "params": params, "opt_state": jax.device_get(opt_state)}
+  ema = jax.tree.map(np.copy, params) if ema is None else jax.tree.map(np.asarray, ema)
   manager = checkpoint.make_manager(out_dir, keep=1, async_save=False)
-  checkpoint.save(manager, 0, state, jax.tree.map(np.copy, params), force=True)
+  checkpoint.save(manager, step, state, ema, force=True)
   manager.wait_until_finished()
   manager.close()
   return out_dir

@@ -10,6 +10,15 @@ The FFN at each layer is dense, or an MoE of the configured kind at the MoE
 positions (`moe_every`, `dense_first_n`). The model returns the predicted
 velocity and an `aux` dict: the weighted auxiliary loss and every MoE layer's
 diagnostics (see `ec_dit.moe.layers`).
+
+PixArt-alpha's own options (`ec_dit.convert.pixart` imports its weights):
+  conditioning="adaln_single": one timestep MLP gives 6d modulation values for all
+    blocks (`t_block`); each block adds its learned `scale_shift_table` [6, d], the
+    final layer its [2, d] table to the timestep embedding itself.
+  prediction="epsilon": a DDPM noise prediction, timesteps 0..999 embedded as given
+    (as diffusers takes them); with learn_sigma the output has 2C channels.
+  micro_conditions: resolution and aspect-ratio embeddings added to the timestep's (1024 px).
+  positions="pixart": PixArt's sin-cos positions, rescaled to the trained grid.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ REMAT_POLICIES = {
 #       small transformer otherwise has to carry through every block.
 PREDICTIONS = schema.PREDICTIONS
 X0_MIN_T = 0.05  # x0 mode: t in the denominator is clipped here (JiT clips alike)
+VAE_SCALE = 8  # micro-conditions: latent pixels -> image pixels (SD VAE), for the default resolution
 
 
 class ContextCache(NamedTuple):
@@ -84,13 +94,20 @@ class DiTBlock(nnx.Module):
   def __init__(self, index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d = model_config.hidden_size
     self.decoupled_routing = bool(model_config.ffn.decoupled_routing)
-    self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
+    if model_config.conditioning == "adaln_single":  # PixArt-alpha: c is already t_block's [B, 6d]
+      self.adaln, self.scale_shift_table = None, _table(rngs, 6, d)
+    else:
+      self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
+                                     rngs=rngs, dtype=dtype)
     self.attn = attention.SelfAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.cross_attn = attention.CrossAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.ffn = make_ffn(index, model_config, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, c: jax.Array, kv: attention.TextKV, mask: jax.Array):
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
+    if self.adaln is None:
+      shift1, scale1, gate1, shift2, scale2, gate2 = _add_table(self.scale_shift_table, c)
+    else:
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
     x = x + gate1[:, None] * self.attn(primitives.modulate(primitives.layer_norm(x), shift1, scale1))
     x = x + self.cross_attn(x, kv, mask)
     h = primitives.layer_norm(x)
@@ -99,6 +116,18 @@ class DiTBlock(nnx.Module):
     router_input = h if self.decoupled_routing else x
     y, diagnostics = self.ffn(primitives.modulate(h, shift2, scale2), router_input)
     return x + gate2[:, None] * y, diagnostics
+
+
+def _table(rngs: nnx.Rngs, rows: int, d: int) -> nnx.Param:
+  """PixArt-alpha's `scale_shift_table` [rows, d], initialised as randn / sqrt(d)."""
+  return primitives.param(rngs, nnx.initializers.normal(d ** -0.5), (rows, d), ("unmodeled", "embed"))
+
+
+def _add_table(table: nnx.Param, c: jax.Array) -> list[jax.Array]:
+  """table [n, d] + c [B, n*d] -> n arrays [B, d] (PixArt's `(table[None] + c.reshape(B, n, d)).chunk(n)`)."""
+  n, d = table.shape
+  mod = table[...][None].astype(c.dtype) + c.reshape(c.shape[0], n, d)
+  return [mod[:, i] for i in range(n)]
 
 
 def num_long_skips(depth: int) -> int:
@@ -114,14 +143,26 @@ def _keep_first_half(key, shape, dtype):
 
 
 class FinalLayer(nnx.Module):
-  """adaLN + zero-initialised linear to p*p*C values per token."""
+  """adaLN + zero-initialised linear to p*p*C values per token.
 
-  def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.adaln = primitives.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
+  `single=True` (PixArt-alpha's adaLN-single): shift and scale are a learned
+  `scale_shift_table` [2, d] plus the timestep embedding c itself.
+  """
+
+  def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               single: bool = False):
+    if single:
+      self.adaln, self.scale_shift_table = None, _table(rngs, 2, d)
+    else:
+      self.adaln = primitives.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
+                                     rngs=rngs, dtype=dtype)
     self.proj = primitives.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
                           kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    if self.adaln is None:
+      shift, scale = _add_table(self.scale_shift_table, jnp.concatenate([c, c], axis=-1))
+      return self.proj(primitives.modulate(primitives.layer_norm(x), shift, scale))
     shift, scale = jnp.split(self.adaln(jax.nn.silu(c)), 2, axis=-1)
     return self.proj(primitives.modulate(primitives.layer_norm(x), shift, scale))
 
@@ -133,6 +174,12 @@ class DiT(nnx.Module):
   [B, H, W, C], t [B] in [0, 1], context [B, L, context_dim] text features and
   context_mask [B, L] bool. Pass `context_cache=model.encode_context(...)`
   instead of context to reuse the text K/V across denoising steps.
+
+  With prediction="epsilon" (PixArt-alpha) t is the DDPM timestep in [0, 1000)
+  as diffusers takes it, and the output is the raw network output: the noise,
+  then with learn_sigma the C variance values. With micro_conditions,
+  `micro=(resolution [B, 2] (height, width) in pixels, aspect_ratio [B, 1])`
+  (default: the latent size times VAE_SCALE, as PixArt's pipeline passes it).
   """
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
@@ -141,7 +188,13 @@ class DiT(nnx.Module):
     dtype = primitives.compute_dtype(m.dtype)
     d = m.hidden_size
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
-    self.t_embed = embeddings.TimestepEmbedder(d, rngs=rngs, dtype=dtype)
+    raw_t = 1.0 if m.prediction == "epsilon" else 1000.0  # DDPM timesteps are embedded as given
+    self.t_embed = embeddings.TimestepEmbedder(d, scale=raw_t, rngs=rngs, dtype=dtype)
+    if m.micro_conditions:  # PixArt-alpha 1024: (height, width) and height/width, d/3 each
+      self.resolution_embed = embeddings.TimestepEmbedder(d // 3, scale=1.0, rngs=rngs, dtype=dtype)
+      self.aspect_embed = embeddings.TimestepEmbedder(d // 3, scale=1.0, rngs=rngs, dtype=dtype)
+    self.t_block = (primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=nnx.initializers.normal(0.02),
+                                      rngs=rngs, dtype=dtype) if m.conditioning == "adaln_single" else None)
     self.context_embed = embeddings.ContextEmbedder(m.context_dim, d, rngs=rngs, dtype=dtype)
     # Optional: the masked mean of the text joins the timestep in the adaLN conditioning
     # (as SD3/Imagen do), so every block is modulated by the prompt, not only through
@@ -156,7 +209,9 @@ class DiT(nnx.Module):
     self.skip_proj = (nnx.List([primitives.Linear(2 * d, d, ("mlp", "embed"), kernel_init=_keep_first_half,
                                           rngs=rngs, dtype=dtype) for _ in range(num_long_skips(m.depth))])
                       if m.long_skips else None)
-    self.final = FinalLayer(d, m.patch_size, m.in_channels, rngs=rngs, dtype=dtype)
+    self.out_channels = m.in_channels * (2 if m.learn_sigma else 1)
+    self.final = FinalLayer(d, m.patch_size, self.out_channels, rngs=rngs, dtype=dtype,
+                            single=m.conditioning == "adaln_single")
     self.dtype = dtype
 
   def encode_context(self, context: jax.Array, context_mask: jax.Array) -> ContextCache:
@@ -173,7 +228,8 @@ class DiT(nnx.Module):
     return ContextCache(tuple(block.cross_attn.text_kv(ctx) for block in self.blocks), mask, pooled)
 
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array | None = None,
-               context_mask: jax.Array | None = None, *, context_cache: ContextCache | None = None):
+               context_mask: jax.Array | None = None, *, context_cache: ContextCache | None = None,
+               micro: tuple[jax.Array, jax.Array] | None = None):
     if context_cache is None:
       if context is None or context_mask is None:
         raise ValueError("DiT needs context and context_mask, or a context_cache")
@@ -181,10 +237,15 @@ class DiT(nnx.Module):
     m = self.config
     b, height, width, channels = x.shape
     grid = height // m.patch_size
-    h = self.patch_embed(x) + embeddings.sincos_2d(m.hidden_size, grid, width // m.patch_size).astype(self.dtype)
+    h = self.patch_embed(x) + self._positions(grid, width // m.patch_size).astype(self.dtype)
     c = self.t_embed(t)
+    if m.micro_conditions:
+      c = c + self._micro(x, micro)
     if self.pooled_embed is not None:
       c = c + self.pooled_embed(jax.nn.silu(context_cache.pooled))
+    c_final = c
+    if self.t_block is not None:  # adaLN-single: the blocks get t_block(silu(c)), the final layer c
+      c = self.t_block(jax.nn.silu(c))
     policy = REMAT_POLICIES[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
     skips, n_skip = [], (len(self.skip_proj) if self.skip_proj is not None else 0)
@@ -202,8 +263,27 @@ class DiT(nnx.Module):
         aux_loss = aux_loss + m.ffn.router_z_loss_coef * diagnostics["router_z_loss"]
         if "balance_loss" in diagnostics:
           aux_loss = aux_loss + m.ffn.balance_loss_coef * diagnostics["balance_loss"]
-    out = embeddings.unpatchify(self.final(h, c), m.patch_size, height, width, channels).astype(jnp.float32)
+    out = embeddings.unpatchify(self.final(h, c_final), m.patch_size, height, width,
+                                self.out_channels).astype(jnp.float32)
     if m.prediction == "x0":
       t_safe = jnp.maximum(t.astype(jnp.float32), X0_MIN_T)[:, None, None, None]
       out = (x.astype(jnp.float32) - out) / t_safe
     return out, {"aux_loss": aux_loss, "moe": moe}
+
+  def _positions(self, grid_h: int, grid_w: int):
+    m = self.config
+    if m.positions == "pixart":
+      return embeddings.pixart_positions(m.hidden_size, grid_h, grid_w, m.input_size // m.patch_size,
+                                         m.pos_interpolation_scale)
+    return embeddings.sincos_2d(m.hidden_size, grid_h, grid_w)
+
+  def _micro(self, x: jax.Array, micro) -> jax.Array:
+    """PixArt-alpha's size conditioning [B, d]: embeddings of height, width (d/3 each) and aspect ratio."""
+    b = x.shape[0]
+    if micro is None:
+      size = jnp.asarray([x.shape[1] * VAE_SCALE, x.shape[2] * VAE_SCALE], jnp.float32)
+      micro = (jnp.broadcast_to(size, (b, 2)), jnp.full((b, 1), x.shape[1] / x.shape[2], jnp.float32))
+    resolution, aspect = (jnp.asarray(a, jnp.float32) for a in micro)
+    r = self.resolution_embed(resolution.reshape(-1)).reshape(b, -1)
+    a = self.aspect_embed(aspect.reshape(-1)).reshape(b, -1)
+    return jnp.concatenate([r, a], axis=-1)

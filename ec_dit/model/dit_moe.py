@@ -16,6 +16,13 @@ expert-level balance loss (coefficient `ffn.balance_loss_coef`, 0.01) while
 training only (`model.eval()` drops it, as the reference's `self.training`).
 With `ffn.kind = "expert_choice"` the same network routes by expert choice.
 
+DiT itself (facebookresearch/DiT, `ec_dit.convert.dit`) is `class_cond.ffn_style =
+"dit"`: each block's FFN is DiT's biased GELU-tanh MLP of width `mlp_ratio * d`
+(`ffn.kind = "dense"`), or, at the MoE positions (`ffn.moe_every`,
+`ffn.dense_first_n`, as the text-to-image DiT), an expert-choice or token-choice
+MoE of such experts (an upcycled DiT). `class_cond.timestep_shift = 1` and
+`mlp_norm_eps = 1e-5` reproduce diffusers' DiT port (`DiTTransformer2DModel`).
+
 Labels: index `num_classes` is the null class. The model never draws random
 numbers: label dropout for guidance is the caller's `drop_mask` (see
 `ec_dit.class_diffusion`), so losses and tests control it exactly.
@@ -44,10 +51,18 @@ def dit_pos_embed(embed_dim: int, grid: int) -> np.ndarray:
 
 
 class RawTimestepEmbedder(embeddings.TimestepEmbedder):
-  """DiT's TimestepEmbedder: sinusoidal features of t as given (no x1000), then a SiLU MLP."""
+  """DiT's TimestepEmbedder: sinusoidal features of t as given (no x1000), then a SiLU MLP.
+
+  `shift` is diffusers' `downscale_freq_shift` (1 in its DiT port, 0 in DiT).
+  """
+
+  def __init__(self, d: int, *, shift: int = 0, rngs: nnx.Rngs, dtype=jnp.float32):
+    super().__init__(d, rngs=rngs, dtype=dtype)
+    self.shift = shift
 
   def __call__(self, t: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.silu(self.fc1(embeddings.timestep_features(t, self.frequency_dim, scale=1.0))))
+    features = embeddings.timestep_features(t, self.frequency_dim, scale=1.0, shift=self.shift)
+    return self.fc2(jax.nn.silu(self.fc1(features)))
 
 
 class LabelEmbedder(nnx.Module):
@@ -144,21 +159,40 @@ class SparseMoE(nnx.Module):
     return y, diagnostics
 
 
-class DiTMoEBlock(nnx.Module):
-  """adaLN-Zero block: self-attention and the MoE FFN, each gated."""
+def dit_ffn(index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  """DiT's FFN at layer `index` (`ffn_style="dit"`): its GELU MLP, or an MoE of GELU experts at the MoE positions."""
+  m, f = model_config, model_config.ffn
+  d, hidden = m.hidden_size, int(m.mlp_ratio * m.hidden_size)
+  if f.kind == "dense" or not dit.is_moe_layer(index, f):
+    return moe_layers.DenseMLP(d, hidden, activation="gelu", rngs=rngs, dtype=dtype)
+  common = dict(num_experts=f.num_experts, hidden=hidden, dispatch=f.dispatch, group_size=f.routing_group_size,
+                activation="gelu", rngs=rngs, dtype=dtype)
+  if f.kind == "expert_choice":
+    return moe_layers.ExpertChoiceMoE(d, train_capacity_factor=f.train_capacity_factor,
+                                      eval_capacity_factor=f.eval_capacity_factor, **common)
+  return moe_layers.TokenChoiceMoE(d, k=f.top_k, capacity_factor=f.token_capacity_factor,
+                                   renormalize_gates=f.renormalize_gates, dropless_impl=f.dropless_impl, **common)
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    d = model_config.hidden_size
+
+class DiTMoEBlock(nnx.Module):
+  """adaLN-Zero block: self-attention and the MoE FFN (`moe`; DiT's FFN `mlp` with ffn_style="dit"), each gated."""
+
+  def __init__(self, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32, index: int = 0):
+    d, c = model_config.hidden_size, model_config.class_cond
     self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
                                    rngs=rngs, dtype=dtype)
-    self.attn = Attention(d, model_config.num_heads, qk_norm=model_config.class_cond.qk_norm, rngs=rngs,
-                          dtype=dtype)
-    self.moe = SparseMoE(model_config, rngs=rngs, dtype=dtype)
+    self.attn = Attention(d, model_config.num_heads, qk_norm=c.qk_norm, rngs=rngs, dtype=dtype)
+    self.mlp_norm_eps = c.mlp_norm_eps
+    if c.ffn_style == "dit":
+      self.moe, self.mlp = None, dit_ffn(index, model_config, rngs=rngs, dtype=dtype)
+    else:
+      self.moe, self.mlp = SparseMoE(model_config, rngs=rngs, dtype=dtype), None
 
   def __call__(self, x: jax.Array, c: jax.Array):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(jax.nn.silu(c)), 6, axis=-1)
     x = x + gate1[:, None] * self.attn(primitives.modulate(primitives.layer_norm(x), shift1, scale1))
-    y, diagnostics = self.moe(primitives.modulate(primitives.layer_norm(x), shift2, scale2))
+    h = primitives.modulate(primitives.layer_norm(x, self.mlp_norm_eps), shift2, scale2)
+    y, diagnostics = self.moe(h) if self.mlp is None else self.mlp(h, h)
     return x + gate2[:, None] * y, diagnostics
 
 
@@ -181,9 +215,9 @@ class DiTMoE(nnx.Module):
     d, c = m.hidden_size, m.class_cond
     self.out_channels = m.in_channels * (2 if c.learn_sigma else 1)
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
-    self.t_embed = RawTimestepEmbedder(d, rngs=rngs, dtype=dtype)
+    self.t_embed = RawTimestepEmbedder(d, shift=c.timestep_shift, rngs=rngs, dtype=dtype)
     self.y_embed = LabelEmbedder(c.num_classes, d, c.class_dropout, rngs=rngs, dtype=dtype)
-    self.blocks = nnx.List([DiTMoEBlock(m, rngs=rngs, dtype=dtype) for _ in range(m.depth)])
+    self.blocks = nnx.List([DiTMoEBlock(m, rngs=rngs, dtype=dtype, index=i) for i in range(m.depth)])
     self.final = dit.FinalLayer(d, m.patch_size, self.out_channels, rngs=rngs, dtype=dtype)
     self.dtype = dtype
     self.deterministic = False  # `model.eval()` sets it: no balance loss, eval capacity for expert choice

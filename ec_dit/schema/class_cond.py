@@ -24,6 +24,8 @@ ARCHS = ("ec_dit", "dit_moe")
 CLASS_OBJECTIVES = ("ddpm", "rectified_flow")   # DiT's gaussian diffusion, DiT-MoE's rectified_flow.py
 CLASS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "rectified_flow": ("euler",)}
 DIT_MOE_FFN_KINDS = ("token_choice", "expert_choice")
+FFN_STYLES = ("dit_moe", "dit")
+DIT_FFN_KINDS = ("dense", "token_choice", "expert_choice")  # ffn_style="dit": dense, or upcycled at the MoE positions
 
 
 def class_cond_model_defaults() -> ml_collections.ConfigDict:
@@ -34,6 +36,9 @@ def class_cond_model_defaults() -> ml_collections.ConfigDict:
       learn_sigma=True,     # output 2C channels: noise and the learned-range variance
       qk_norm=False,        # LayerNorm (with affine) on q and k per head: DiT-MoE's flash-attention
                             # blocks, which its XL/2 and G/2 checkpoints were trained with
+      ffn_style="dit_moe",  # one of FFN_STYLES: DiT-MoE's SwiGLU experts, or DiT's GELU MLP ("dit", ec_dit.convert.dit)
+      timestep_shift=0,     # diffusers' downscale_freq_shift of the timestep features: 0 (DiT), 1 (diffusers' DiT)
+      mlp_norm_eps=1e-6,    # epsilon of the LayerNorm before the FFN: 1e-6 (DiT), 1e-5 (diffusers' DiT default)
   ))
 
 
@@ -83,7 +88,21 @@ def validate_class_cond(config) -> None:
   for name in ("learn_sigma", "qk_norm"):
     if not isinstance(c[name], bool):
       _fail(f"model.class_cond.{name}", "True or False", c[name])
-  if m.arch == "dit_moe":
+  if c.ffn_style not in FFN_STYLES:
+    _fail("model.class_cond.ffn_style", f"one of {FFN_STYLES}", c.ffn_style)
+  if c.timestep_shift not in (0, 1) or isinstance(c.timestep_shift, bool):
+    _fail("model.class_cond.timestep_shift", "0 or 1", c.timestep_shift)
+  if not _real(c.mlp_norm_eps) or not 0 < c.mlp_norm_eps < 1:
+    _fail("model.class_cond.mlp_norm_eps", "a number in (0, 1)", c.mlp_norm_eps)
+  if m.arch == "dit_moe" and c.ffn_style == "dit":
+    f = m.ffn
+    if f.kind not in DIT_FFN_KINDS:
+      _fail("model.ffn.kind", f"one of {DIT_FFN_KINDS} with class_cond.ffn_style='dit'", f.kind)
+    if f.activation != "gelu":
+      _fail("model.ffn.activation", "'gelu' with class_cond.ffn_style='dit' (DiT's MLP)", f.activation)
+    if f.kind != "dense" and f.num_shared_experts:
+      _fail("model.ffn.num_shared_experts", "0 with class_cond.ffn_style='dit'", f.num_shared_experts)
+  elif m.arch == "dit_moe":
     f = m.ffn
     if f.kind not in DIT_MOE_FFN_KINDS:
       _fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)

@@ -23,7 +23,11 @@ DROPLESS_IMPLS = ("auto", "ragged_dot", "tiles")
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")
-PREDICTIONS = ("velocity", "x0")          # what the network outputs (ec_dit.model.dit)
+PREDICTIONS = ("velocity", "x0", "epsilon")  # what the network outputs (ec_dit.model.dit)
+CONDITIONINGS = ("adaln_zero", "adaln_single")  # per-block adaLN-Zero (DiT) or PixArt-alpha's adaLN-single
+POSITIONS = ("ec_dit", "pixart")  # 2-D sin-cos order and scaling (ec_dit.model.embeddings)
+DDPM_SAMPLERS = ("ddpm", "ddim")  # text-to-image samplers of prediction="epsilon" models (ec_dit.text_ddpm)
+DDPM_TIMESTEPS = 1000  # prediction="epsilon": PixArt-alpha's (and DiT's) linear betas 1e-4..0.02 over 1000 steps
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per block (ec_dit.model.dit)
 TOKENIZERS = ("words", "bytes")
 TEXT_ENCODERS = ("trainable", "t5")  # trained with the DiT, or frozen T5 features prepared beforehand
@@ -83,7 +87,12 @@ def model_defaults() -> ml_collections.ConfigDict:
       context_len=120,        # text tokens per prompt (PixArt-alpha's T5 length)
       pooled_text_conditioning=False,  # add the mean text feature to the adaLN conditioning
       long_skips=False,       # U-ViT long skip connections from the first to the last blocks
-      prediction="velocity",  # what the network outputs: one of PREDICTIONS
+      prediction="velocity",  # what the network outputs: one of PREDICTIONS ("epsilon": DDPM, PixArt-alpha)
+      learn_sigma=False,      # prediction="epsilon": 2C output channels, the second C the learned variance
+      conditioning="adaln_zero",  # one of CONDITIONINGS; "adaln_single" is PixArt-alpha's (one t-MLP for all blocks)
+      micro_conditions=False,  # adaln_single: PixArt-alpha 1024's resolution and aspect-ratio embeddings
+      positions="ec_dit",     # one of POSITIONS; "pixart" for imported PixArt-alpha weights
+      pos_interpolation_scale=1.0,  # positions="pixart": coordinates divided by it (2 in PixArt's 1024 px model)
       dtype="float32",        # compute dtype; parameters stay float32
       remat_policy="none",    # activation checkpointing per block: one of REMAT_POLICIES
       ffn=dict(
@@ -202,6 +211,14 @@ def base_config() -> ml_collections.ConfigDict:
       vae_path="",       # a diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors)
       dtype="float32",   # compute and parameter dtype of both: one of DTYPES
       batch_size=16,     # images (or prompts) per jitted encoder / decoder call
+  ))
+  # Where an upcycled run's MoE came from (ec_dit.upcycle); written by the upcycler, read by nobody.
+  config.upcycled = ml_collections.ConfigDict(dict(
+      source="",             # the dense run or checkpoint ("" = not upcycled)
+      source_step=-1,        # its checkpoint step
+      num_experts=0, routing="",
+      router_init="",        # "normal" (DiT-MoE's upcycle.py: N(0, 0.02)) or "zeros"
+      optimizer_state="",    # "reset" (fresh optimizer, step 0) or "carry" (step and moments copied)
   ))
   config.mesh = mesh_defaults()  # device mesh and logical-to-mesh rules (ec_dit.sharding)
   # Training, in the Flax examples' style: any field can be set as --config.FIELD=VALUE.

@@ -32,7 +32,7 @@ RESUME_STATE_FIELDS = (
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "learning_rate", "warmup_steps", "weight_decay", "adam_b1", "adam_b2", "grad_clip_norm",
     "ema_decay", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_steps",
-    "diffusion", "sample", "geneval", "mesh", "encoders",
+    "diffusion", "sample", "geneval", "mesh", "encoders", "upcycled",
     "class_diffusion.sampler", "class_diffusion.num_sampling_steps", "class_diffusion.guidance_scale",
     "class_diffusion.guidance_channels", "class_diffusion.class_labels",
     "input.worker_count", "input.read_threads", "input.prefetch_buffer_size", "input.tfds_data_dir",

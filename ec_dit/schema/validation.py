@@ -22,6 +22,7 @@ from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROP
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
                                     input_defaults)
+from ec_dit.schema.pixart import check_sampler, validate_pixart_options
 
 
 def fail(field: str, allowed: str, got: Any):
@@ -65,6 +66,7 @@ def validate_model(m, prefix: str = "model") -> None:
     fail(f"{prefix}.long_skips", "True or False", m.long_skips)
   if m.prediction not in PREDICTIONS:
     fail(f"{prefix}.prediction", f"one of {PREDICTIONS}", m.prediction)
+  validate_pixart_options(m, prefix)
   if m.remat_policy not in REMAT_POLICIES:
     fail(f"{prefix}.remat_policy", f"one of {REMAT_POLICIES}", m.remat_policy)
   p = f"{prefix}.ffn"
@@ -191,8 +193,7 @@ def validate_training(config) -> None:
   _check_range(d, "loss_t_min", 0.0, 1.0, "diffusion.")
 
   s = config.sample
-  if s.sampler not in SAMPLERS:
-    fail("sample.sampler", f"one of {SAMPLERS}", s.sampler)
+  check_sampler(s, config.model.prediction, SAMPLERS)
   _check_int(s, "num_steps", 1, "sample.")
   _check_int(s, "seed", 0, "sample.")
   _check_range(s, "guidance_scale", 0.0, inf, "sample.")

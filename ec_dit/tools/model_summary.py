@@ -63,11 +63,18 @@ def class_cond_flops_per_image(m) -> int:
   n = (m.input_size // m.patch_size) ** 2
   patch_dim = m.patch_size ** 2 * m.in_channels
   swiglu = lambda width: 2 * 3 * d * width  # noqa: E731 - per token: gate, up, down
-  per_block = (2 * d * 6 * d + 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
-               + 2 * n * d * f.num_experts + n * _ffn_pairs_per_token(f) * swiglu(int(m.mlp_ratio * d))
-               + n * swiglu(f.num_shared_experts * d))
+  attn = 2 * d * 6 * d + 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
+  if m.class_cond.get("ffn_style", "dit_moe") == "dit":  # DiT's GELU MLP, or an MoE of them at the MoE positions
+    mlp = 2 * 2 * d * int(m.mlp_ratio * d)
+    moe = 2 * n * d * f.num_experts + n * _ffn_pairs_per_token(f) * mlp
+    ffn = sum(moe if f.kind != "dense" and dit.is_moe_layer(i, f) else n * mlp for i in range(m.depth))
+    blocks = m.depth * attn + ffn
+  else:
+    per_block = (attn + 2 * n * d * f.num_experts + n * _ffn_pairs_per_token(f) * swiglu(int(m.mlp_ratio * d))
+                 + n * swiglu(f.num_shared_experts * d))
+    blocks = m.depth * per_block
   out_channels = m.in_channels * (2 if m.class_cond.learn_sigma else 1)
-  total = 2 * n * patch_dim * d + 2 * (256 * d + d * d) + m.depth * per_block
+  total = 2 * n * patch_dim * d + 2 * (256 * d + d * d) + blocks
   return int(total + 2 * d * 2 * d + 2 * n * d * m.patch_size ** 2 * out_channels)
 
 
@@ -82,8 +89,10 @@ def flops_per_image(m) -> int:
   total = 2 * n * patch_dim * d                       # patch embedding
   total += 2 * (256 * d + d * d)                      # timestep MLP
   total += 2 * length * (m.context_dim * d + d * d)   # caption projection
+  single = m.get("conditioning", "adaln_zero") == "adaln_single"
+  total += 2 * d * 6 * d if single else 0                           # adaLN-single's t_block, once
   for i in range(m.depth):
-    total += 2 * d * 6 * d                                          # adaLN
+    total += 0 if single else 2 * d * 6 * d                         # adaLN
     total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # self-attention
     total += 2 * n * d * d + 2 * length * d * 2 * d + 2 * 2 * n * length * d + 2 * n * d * d  # cross
     hidden = int(m.mlp_ratio * d)
@@ -99,7 +108,8 @@ def flops_per_image(m) -> int:
         total += n * f.num_shared_experts * mlp
   if m.long_skips:
     total += dit.num_long_skips(m.depth) * 2 * n * 2 * d * d         # U-ViT skip projections
-  total += 2 * d * 2 * d + 2 * n * d * patch_dim                    # final layer
+  out_dim = patch_dim * (2 if m.get("learn_sigma", False) else 1)
+  total += (0 if single else 2 * d * 2 * d) + 2 * n * d * out_dim   # final layer
   return int(total)
 
 
@@ -110,7 +120,8 @@ def summarize(model_config) -> dict[str, Any]:
   total = sum(math.prod(shape) for _, shape, _ in rows)
   expert = sum(math.prod(shape) for path, shape, _ in rows if "/experts/" in path)
   class_cond = is_class_cond(_config_of(model_config))
-  moe_layers = model_config.depth if class_cond else sum(
+  dit_style = class_cond and model_config.class_cond.get("ffn_style", "dit_moe") == "dit"
+  moe_layers = model_config.depth if class_cond and not dit_style else sum(
       dit.is_moe_layer(i, model_config.ffn) for i in range(model_config.depth))
   f = model_config.ffn
   if f.kind == "dense" or moe_layers == 0:

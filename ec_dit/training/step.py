@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ec_dit import diffusion, sharding
+from ec_dit import diffusion, sharding, text_ddpm
 from ec_dit.training import state as state_lib
 
 
@@ -70,6 +70,8 @@ def make_train_step(config, graphdef, tx, mesh=None):
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
+      if config.model.prediction == "epsilon":  # DDPM (PixArt-alpha): ec_dit.text_ddpm
+        return text_ddpm.loss(model, images, text, batch["mask"], key, uncond_prob=d.uncond_prob)
       return diffusion.rectified_flow_loss(model, images, text, batch["mask"], key,
                                            t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
                                            loss_t_min=d.loss_t_min)

@@ -1,0 +1,31 @@
+"""`python -m ec_dit.upcycle RUN --out RUN2 --experts E --routing ec|tc ...`: upcycles a dense run (ec_dit.upcycle)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ec_dit import upcycle
+from ec_dit.upcycle import run as run_lib
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ec_dit.upcycle", description=__doc__.split(":")[0])
+  parser.add_argument("run", help="a dense run directory (config.json and checkpoints/)")
+  parser.add_argument("--out", required=True, help="the new run directory")
+  upcycle.add_arguments(parser, experts_flag="--experts")
+  args = parser.parse_args(argv)
+  if args.experts < 1:
+    parser.error("--experts: must be a positive number of experts")
+  opts = upcycle.options(args, "experts")
+  try:
+    run_lib.upcycle_run(args.run, args.out, seed=opts.pop("seed"), **opts)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.out} (config.json and one checkpoint)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
