@@ -125,5 +125,5 @@ def test_converter_upcycles_and_refuses_bad_options(tmp_path, capsys):
   config = load_run_config(out)
   assert config.model.ffn.kind == "expert_choice" and config.upcycled.source.endswith("dit_diffusers")
   assert convert_cli.main(["pixart", "--checkpoint", PIXART, "--out", str(tmp_path / "r2"),
-                           "--upcycle_experts", "4", "--moe_every", "0"]) == 1
+                           "--upcycle_experts", "4", "--moe_every", "0"]) == 2
   assert "moe_every" in capsys.readouterr().err

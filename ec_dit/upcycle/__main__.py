@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ec_dit import upcycle
+from ec_dit import errors, upcycle
 from ec_dit.upcycle import run as run_lib
 
 
@@ -20,9 +20,12 @@ def main(argv=None) -> int:
   opts = upcycle.options(args, "experts")
   try:
     run_lib.upcycle_run(args.run, args.out, seed=opts.pop("seed"), **opts)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # expected (errors.EcDitError too): one line, exit 2
+    return errors.report(e)
+  except OSError as e:
+    if errors.is_disk_full(e):
+      return errors.report(e)
+    raise
   print(f"wrote {args.out} (config.json and one checkpoint)")
   return 0
 
