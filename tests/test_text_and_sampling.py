@@ -150,9 +150,11 @@ def test_pipeline_is_deterministic_and_independent_of_batching(sampler):
   c = big.generate(prompts, num_images_per_prompt=2, seed=7, num_steps=2)
   d = small.generate(prompts, num_images_per_prompt=2, seed=8, num_steps=2)
   assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
-  np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(a, c)
-  assert not np.array_equal(a, d)
+  np.testing.assert_array_equal(a, b)  # the same computation at the same shapes: bit for bit
+  # Batch 8 vs batch 2: XLA:CPU tiles the matmuls by batch, so the floats differ in the last bits and a pixel
+  # near a rounding boundary may land one level off (seen on Sapphire Rapids, not on EPYC). Within 1 level.
+  assert np.abs(a.astype(int) - c).max() <= 1
+  assert np.abs(a.astype(int) - d).max() > 1
   pil = small(["a photo of a red circle"], output_type="pil", num_steps=2)
   assert pil[0].size == (16, 16)
   with pytest.raises(ValueError, match="sampler must be one of"):
