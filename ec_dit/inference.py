@@ -9,46 +9,22 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ec_dit import checkpoint, diffusion, images as images_lib, schema, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, configs, diffusion, images as images_lib, tokenizer as tokenizer_lib
 from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import abstract_model
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`workdir/config.json`).
-
-  Keys added to the schema after the run was saved take their defaults, so runs
-  from older versions still load (a new default never changes an old model's
-  behaviour).
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
-  with open(path) as f:
-    saved = json.load(f)
-  return ml_collections.ConfigDict(_fill_defaults(saved, schema.base_config().to_dict()))
-
-
-def _fill_defaults(saved: dict, defaults: dict) -> dict:
-  """Adds the keys of `defaults` missing from `saved`, recursively; saved values win."""
-  for key, value in defaults.items():
-    if key not in saved:
-      saved[key] = value
-    elif isinstance(value, dict) and isinstance(saved[key], dict):
-      _fill_defaults(saved[key], value)
-  return saved
+load_run_config = configs.from_run  # the config a run was trained with (workdir/config.json)
 
 
 SAMPLER_SETTINGS = ("num_steps", "guidance_scale", "guidance_parallel", "sampler")
@@ -170,14 +146,16 @@ class TextToImagePipeline:
 
 
 def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0,
-                    encoders_config=None) -> list[str]:
+                    encoders_config=None, sample=None) -> list[str]:
   """Writes PNGs for prompts from the run's latest checkpoint; returns their paths.
 
-  `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`).
+  `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`);
+  `sample` (a `config.sample` section) replaces its sampler settings.
   """
   pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)),
                                       encoders_config=encoders_config)
-  images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed)
+  settings = {} if sample is None else sampler_settings(sample)
+  images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed, **settings)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   paths = []
