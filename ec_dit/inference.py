@@ -2,16 +2,19 @@
 
     from ec_dit.inference import TextToImagePipeline
     pipe = TextToImagePipeline.from_run("runs/tiny")
-    images = pipe(["a photo of a red circle", "a photo of two blue squares"], seed=0)   # uint8 [H, W, 3] each
-    pil_images = pipe(["a photo of a green triangle"], output_type="pil")
+    out = pipe("a photo of a red circle", num_inference_steps=32, guidance_scale=3.0, generator=0,
+               num_images_per_prompt=4)
+    out.images                                      # 4 PIL images (output_type="np": uint8 [H, W, 3] arrays)
+    arrays = pipe.generate(["a photo of two blue squares"], seed=0)   # uint8 [N, H, W, 3]
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import dataclasses
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,26 @@ from ec_dit.model import abstract_model
 
 
 load_run_config = configs.from_run  # the config a run was trained with (workdir/config.json)
+
+
+@dataclasses.dataclass
+class ImagePipelineOutput:
+  """What `TextToImagePipeline.__call__` returns, as diffusers' pipelines do: `.images`, a list of PIL images
+  (`output_type="pil"`) or of uint8 [H, W, 3] arrays (`output_type="np"`), prompt-major."""
+  images: list[Any]
+
+
+def base_key(generator) -> jax.Array:
+  """The noise key of a `generator`: an int seed, a JAX key (typed, or raw uint32 [2] from `jax.random.PRNGKey`)."""
+  if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+    return jax.random.key(int(generator))
+  if isinstance(generator, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) and generator.shape == ():
+      return generator
+    if generator.dtype == np.uint32 and generator.shape == (2,):
+      return jax.random.wrap_key_data(jnp.asarray(generator))
+  raise ValueError(f"generator must be an int seed or a single JAX key, got {type(generator).__name__} "
+                   f"{getattr(generator, 'shape', '')}")
 
 
 SAMPLER_SETTINGS = ("num_steps", "guidance_scale", "guidance_parallel", "sampler")
@@ -99,7 +122,7 @@ class TextToImagePipeline:
   def __hash__(self):  # jit treats `self` as static
     return id(self)
 
-  def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int = 0,
+  def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int | jax.Array = 0,
                num_steps: int | None = None, guidance_scale: float | None = None,
                guidance_parallel: float | None = None, sampler: str | None = None,
                first_index: int = 0) -> np.ndarray:
@@ -107,7 +130,8 @@ class TextToImagePipeline:
 
     Image j of prompt i depends only on (seed, first_index + i, j), the prompt and
     the weights, not on the batch it was generated in. Sampler settings left as None
-    come from `config.sample` (see `diffusion.sample` for their meaning).
+    come from `config.sample` (see `diffusion.sample` for their meaning). `seed` may
+    also be a JAX key (see `base_key`).
     """
     s = self.config.sample
     num_steps = int(num_steps or s.num_steps)
@@ -118,6 +142,7 @@ class TextToImagePipeline:
       raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, got {sampler!r}")
     if isinstance(prompts, str):
       prompts = [prompts]
+    root = base_key(seed)
     jobs = [(first_index + i, j, p) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
     out = []
     for start in range(0, len(jobs), self.batch_size):
@@ -125,7 +150,7 @@ class TextToImagePipeline:
       pad = self.batch_size - len(chunk)
       tokens, mask = self.encode_prompts([p for _, _, p in chunk] + [""] * pad)
       # one noise key per image, from (seed, prompt, sample): independent of batching
-      keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
+      keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
                             guidance_scale, guidance_parallel, sampler)
@@ -135,14 +160,24 @@ class TextToImagePipeline:
       return np.zeros((0, size, size, 3 if self.latent else self.image_shape[2]), np.uint8)
     return np.concatenate(out)
 
-  def __call__(self, prompts: Sequence[str] | str, *, output_type: str = "np", **kwargs):
-    """Generates images; `output_type` "np" (uint8 arrays) or "pil". See `generate` for kwargs."""
-    images = self.generate(prompts, **kwargs)
-    if output_type == "np":
-      return list(images)
+  def __call__(self, prompt: Sequence[str] | str, *, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, generator=0, num_images_per_prompt: int = 1,
+               output_type: str = "pil", return_dict: bool = True, **kwargs):
+    """diffusers' call: `ImagePipelineOutput` with `.images` (or the tuple `(images,)` with `return_dict=False`).
+
+    `num_inference_steps` and `guidance_scale` default to the run's `config.sample`; `generator` is an
+    int seed or a JAX key; `output_type` "pil" (PIL images) or "np" (uint8 [H, W, 3] arrays). Other
+    keyword arguments (`sampler`, `guidance_parallel`, `seed`, `num_steps`) go to `generate`.
+    """
+    if output_type not in ("pil", "np"):
+      raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    kwargs.setdefault("num_steps", num_inference_steps)
+    kwargs.setdefault("seed", generator)
+    images = list(self.generate(prompt, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                                **kwargs))
     if output_type == "pil":
-      return [Image.fromarray(im) for im in images]
-    raise ValueError(f"output_type must be 'np' or 'pil', got {output_type!r}")
+      images = [Image.fromarray(im) for im in images]
+    return ImagePipelineOutput(images) if return_dict else (images,)
 
 
 def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0,
