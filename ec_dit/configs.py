@@ -135,3 +135,29 @@ def get_config(workdir: str | None = None) -> ml_collections.ConfigDict:
   if not workdir:
     raise ValueError("ec_dit/configs.py as a config file needs the run's workdir: --config=ec_dit/configs.py:WORKDIR")
   return from_run(workdir)
+
+
+# config.model.ffn fields that only one FFN kind reads.
+_FFN_ONLY = {
+    "expert_choice": ("train_capacity_factor", "eval_capacity_factor"),
+    "token_choice": ("top_k", "num_shared_experts", "token_capacity_factor", "dropless_impl", "renormalize_gates",
+                     "balance_loss_coef"),
+    "dense": ("dense_mlp_ratio",),
+}
+_MOE_FIELDS = ("num_experts", "decoupled_routing", "dispatch", "routing_group_size", "router_z_loss_coef")
+
+
+def applicable_model(config) -> ml_collections.ConfigDict:
+  """A copy of `config.model` with only the fields its architecture and FFN kind read (for printing):
+  no `class_cond` for a text-to-image model, no token-choice fields for expert choice, and so on."""
+  m = ml_collections.ConfigDict(config.model.to_dict())
+  if m.get("arch", "ec_dit") != "dit_moe":
+    del m["class_cond"]
+  kind = m.ffn.kind
+  drop = [f for k, fields in _FFN_ONLY.items() if k != kind for f in fields]
+  if kind == "dense":
+    drop += _MOE_FIELDS
+  for name in drop:
+    if name in m.ffn:
+      del m.ffn[name]
+  return m
