@@ -123,10 +123,11 @@ def _bin_reader(files: list[str]) -> Reader:
   except ImportError:
     names = ", ".join(os.path.basename(f) for f in files)
     raise CheckpointError(
-        f"{names}: PyTorch .bin weights need torch, which is not installed. Convert them to safetensors once "
-        f"(where torch is installed): python -c \"import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load('pytorch_model.bin', map_location='cpu'), 'model.safetensors')\" "
-        f"(per shard for sharded .bin files, then drop the .bin index), or use the repository's .safetensors files"
+        f"{names}: PyTorch .bin weights need torch, which is not installed. Convert them to safetensors once, "
+        f"without torch and without running code from the file (ec_dit.torch_pickle's restricted unpickler): "
+        f"python -c \"from ec_dit import torch_pickle; from safetensors.numpy import save_file; "
+        f"save_file(dict(torch_pickle.load('pytorch_model.bin')), 'model.safetensors')\" "
+        f"(per shard for sharded .bin files, then drop the .bin index), or use a repository with .safetensors files"
     ) from None
   tensors = {}
   for file in files:
