@@ -195,11 +195,21 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
-  grid_pipe, pending, bad_total = None, None, 0
+  grid_pipe, pending, bad_total, unchecked = None, None, 0, None
   skip_bad = config.input.skip_bad_examples
   progress = metrics_lib.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
   estimate = report_lib.DurationEstimate(start + 1, config.num_train_steps, report)
+
+  def check_finite(checked_step, checked):  # fail fast, never log, save or sample a non-finite state
+    loss = float(checked["loss"])
+    if not (np.isfinite(loss) and bool(checked["params_finite"])):
+      _finish_saves(manager, workdir, pending)
+      progress.close()
+      what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
+      raise FloatingPointError(f"{what} at step {checked_step}; stopping. The last checkpoint "
+                               f"(step {manager.latest_step()}) is intact.")
+
   stop, _ = preemption_lib.agree(preemption.requested)  # a signal before the first step: nothing new to save
   for step in range(start + 1, config.num_train_steps + 1):
     if stop:
@@ -208,14 +218,19 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
     bad = int(np.sum(local.pop("bad"))) if "bad" in local else 0
     batch = data_pipeline.global_batch(arch.train_batch(config, local), shardings["batch"])
     state, ema, metrics = train_step(state, ema, batch)
-    loss = float(metrics["loss"])
-    if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN
-      _finish_saves(manager, workdir, pending)
-      progress.close()
-      what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
-      raise FloatingPointError(f"{what} at step {step}; stopping. The last checkpoint "
-                               f"(step {manager.latest_step()}) is intact.")
+
+    # The previous step is checked now, while this one runs: reading this step's loss would make the host
+    # wait for it before fetching the next batch. A step that is logged, saved or sampled is checked first.
+    if unchecked is not None:
+      check_finite(*unchecked)
     stop, (bad,) = preemption_lib.agree(preemption.requested, bad)
+    every = config.eval_every_steps
+    grid_due = bool(every) and (step % every == 0 or step == config.num_train_steps)  # and always at the end
+    unchecked = (step, metrics)
+    if (stop or grid_due or step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
+        or step == config.num_train_steps):
+      check_finite(*unchecked)
+      unchecked = None
     bad_total += bad
     progress.update(1)
     estimate.step(step)
@@ -228,7 +243,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
         scalars["input/bad_examples"] = bad_total
       t_last, steps_since = now, 0
       writer.write_scalars(step, scalars)
-      progress.set_postfix(loss=f"{loss:.4f}")
+      progress.set_postfix(loss=f"{scalars['loss']:.4f}")
     if stop:
       who = preemption.signal_name or "a stop request on another process"
       report(f"{who} at step {step}: saving a checkpoint and exiting")
@@ -236,9 +251,6 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       break
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       pending = _save(manager, workdir, step, state, ema, data_iter, pending)
-    # grids every eval_every_steps and always at the last step (eval_every_steps=0: none at all)
-    every = config.eval_every_steps
-    grid_due = bool(every) and (step % every == 0 or step == config.num_train_steps)
     if grid_due and is_main and not is_class_cond(config):
       grid_pipe = grid_pipe or sample_grid_pipeline(config)
       write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
