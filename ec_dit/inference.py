@@ -2,52 +2,51 @@
 
     from ec_dit.inference import TextToImagePipeline
     pipe = TextToImagePipeline.from_run("runs/tiny")
-    images = pipe(["a photo of a red circle", "a photo of two blue squares"], seed=0)   # uint8 [H, W, 3] each
-    pil_images = pipe(["a photo of a green triangle"], output_type="pil")
+    out = pipe("a photo of a red circle", num_inference_steps=32, guidance_scale=3.0, generator=0,
+               num_images_per_prompt=4)
+    out.images                                      # 4 PIL images (output_type="np": uint8 [H, W, 3] arrays)
+    arrays = pipe.generate(["a photo of two blue squares"], seed=0)   # uint8 [N, H, W, 3]
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ec_dit import checkpoint, diffusion, images as images_lib, schema, text_ddpm, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, configs, diffusion, images as images_lib, schema, text_ddpm, tokenizer as tokenizer_lib
 from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.model import abstract_model
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`workdir/config.json`).
-
-  Keys added to the schema after the run was saved take their defaults, so runs
-  from older versions still load (a new default never changes an old model's
-  behaviour).
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
-  with open(path) as f:
-    saved = json.load(f)
-  return ml_collections.ConfigDict(_fill_defaults(saved, schema.base_config().to_dict()))
+load_run_config = configs.from_run  # the config a run was trained with (workdir/config.json)
 
 
-def _fill_defaults(saved: dict, defaults: dict) -> dict:
-  """Adds the keys of `defaults` missing from `saved`, recursively; saved values win."""
-  for key, value in defaults.items():
-    if key not in saved:
-      saved[key] = value
-    elif isinstance(value, dict) and isinstance(saved[key], dict):
-      _fill_defaults(saved[key], value)
-  return saved
+@dataclasses.dataclass
+class ImagePipelineOutput:
+  """What `TextToImagePipeline.__call__` returns, as diffusers' pipelines do: `.images`, a list of PIL images
+  (`output_type="pil"`) or of uint8 [H, W, 3] arrays (`output_type="np"`), prompt-major."""
+  images: list[Any]
+
+
+def base_key(generator) -> jax.Array:
+  """The noise key of a `generator`: an int seed, a JAX key (typed, or raw uint32 [2] from `jax.random.PRNGKey`)."""
+  if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+    return jax.random.key(int(generator))
+  if isinstance(generator, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) and generator.shape == ():
+      return generator
+    if generator.dtype == np.uint32 and generator.shape == (2,):
+      return jax.random.wrap_key_data(jnp.asarray(generator))
+  raise ValueError(f"generator must be an int seed or a single JAX key, got {type(generator).__name__} "
+                   f"{getattr(generator, 'shape', '')}")
 
 
 SAMPLER_SETTINGS = ("num_steps", "guidance_scale", "guidance_parallel", "sampler")
@@ -127,7 +126,7 @@ class TextToImagePipeline:
   def __hash__(self):  # jit treats `self` as static
     return id(self)
 
-  def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int = 0,
+  def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int | jax.Array = 0,
                num_steps: int | None = None, guidance_scale: float | None = None,
                guidance_parallel: float | None = None, sampler: str | None = None,
                first_index: int = 0) -> np.ndarray:
@@ -135,7 +134,8 @@ class TextToImagePipeline:
 
     Image j of prompt i depends only on (seed, first_index + i, j), the prompt and
     the weights, not on the batch it was generated in. Sampler settings left as None
-    come from `config.sample` (see `diffusion.sample` for their meaning).
+    come from `config.sample` (see `diffusion.sample` for their meaning). `seed` may
+    also be a JAX key (see `base_key`).
     """
     s = self.config.sample
     num_steps = int(num_steps or s.num_steps)
@@ -151,6 +151,7 @@ class TextToImagePipeline:
       null = (jnp.asarray(features[0]), jnp.asarray(null_mask[0]))
     if isinstance(prompts, str):
       prompts = [prompts]
+    root = base_key(seed)
     jobs = [(first_index + i, j, p) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
     out = []
     for start in range(0, len(jobs), self.batch_size):
@@ -158,7 +159,7 @@ class TextToImagePipeline:
       pad = self.batch_size - len(chunk)
       tokens, mask = self.encode_prompts([p for _, _, p in chunk] + [""] * pad)
       # one noise key per image, from (seed, prompt, sample): independent of batching
-      keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), j) for i, j, _ in chunk]
+      keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j, _ in chunk]
       keys += [jax.random.key(0)] * pad
       images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
                             guidance_scale, guidance_parallel, sampler, null)
@@ -168,28 +169,40 @@ class TextToImagePipeline:
       return np.zeros((0, size, size, 3 if self.latent else self.image_shape[2]), np.uint8)
     return np.concatenate(out)
 
-  def __call__(self, prompts: Sequence[str] | str, *, output_type: str = "np", **kwargs):
-    """Generates images; `output_type` "np" (uint8 arrays) or "pil". See `generate` for kwargs."""
-    images = self.generate(prompts, **kwargs)
-    if output_type == "np":
-      return list(images)
+  def __call__(self, prompt: Sequence[str] | str, *, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, generator=0, num_images_per_prompt: int = 1,
+               output_type: str = "pil", return_dict: bool = True, **kwargs):
+    """diffusers' call: `ImagePipelineOutput` with `.images` (or the tuple `(images,)` with `return_dict=False`).
+
+    `num_inference_steps` and `guidance_scale` default to the run's `config.sample`; `generator` is an
+    int seed or a JAX key; `output_type` "pil" (PIL images) or "np" (uint8 [H, W, 3] arrays). Other
+    keyword arguments (`sampler`, `guidance_parallel`, `seed`, `num_steps`) go to `generate`.
+    """
+    if output_type not in ("pil", "np"):
+      raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    kwargs.setdefault("num_steps", num_inference_steps)
+    kwargs.setdefault("seed", generator)
+    images = list(self.generate(prompt, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                                **kwargs))
     if output_type == "pil":
-      return [Image.fromarray(im) for im in images]
-    raise ValueError(f"output_type must be 'np' or 'pil', got {output_type!r}")
+      images = [Image.fromarray(im) for im in images]
+    return ImagePipelineOutput(images) if return_dict else (images,)
 
 
 def sample_to_files(workdir: str, prompts: list[str], *, num_images: int = 4, seed: int = 0,
-                    encoders_config=None) -> list[str]:
+                    encoders_config=None, sample=None) -> list[str]:
   """Writes PNGs for prompts from the run's latest checkpoint; returns their paths.
 
   Files: `samples/{index:03d}_{slug}_{seed}_{j}.png` and `{index:03d}_{slug}_{seed}.json` holding the full
   prompt (`ec_dit.images.prompt_stem`; a slug cut short prints a warning).
 
-  `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`).
+  `encoders_config` replaces the run's `config.encoders` (see `TextToImagePipeline.from_run`);
+  `sample` (a `config.sample` section) replaces its sampler settings.
   """
   pipe = TextToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(prompts) * num_images)),
                                       encoders_config=encoders_config)
-  images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed)
+  settings = {} if sample is None else sampler_settings(sample)
+  images = pipe.generate(prompts, num_images_per_prompt=num_images, seed=seed, **settings)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   paths = []

@@ -102,20 +102,24 @@ class ClassToImagePipeline:
 
 
 def sample_to_files(workdir: str, class_labels: Sequence[int], *, num_images: int = 4, seed: int = 0,
-                    encoders_config=None, report=None) -> list[str]:
+                    encoders_config=None, report=None, class_diffusion=None) -> list[str]:
   """Samples `num_images` per class label from a run's EMA weights into `workdir/samples`; returns the paths.
 
   PNGs (`class_<label>_<seed>_<j>.png`) when `config.encoders.vae_path` is set
   (`encoders_config`, e.g. the command line's, replaces the run's `config.encoders`),
   decoded by that VAE (the SD VAE for DiT-MoE's checkpoints); otherwise the latents
-  as `.npy` files, and `report` says so.
+  as `.npy` files, and `report` says so. `class_diffusion` (a `config.class_diffusion` section)
+  replaces the run's sampler, number of steps and guidance scale.
   """
   report = report or (lambda text: print(text, file=sys.stderr, flush=True))
   labels = [int(y) for y in class_labels for _ in range(num_images)]
   if not labels:
     raise ValueError("--class_label: give at least one class label for a class-conditional run")
   pipe = ClassToImagePipeline.from_run(workdir, batch_size=max(1, min(64, len(labels))))
-  latents = pipe.generate(labels, seed=seed)
+  d = class_diffusion
+  settings = {} if d is None else {"sampler": d.sampler, "num_steps": d.num_sampling_steps,
+                                   "guidance_scale": d.guidance_scale}
+  latents = pipe.generate(labels, seed=seed, **settings)
   enc = encoders_config if encoders_config is not None else pipe.config.encoders
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)

@@ -22,7 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import checkpoint, distributed, errors, host_memory, inference, inference_class, routing_maps, schema
+from ec_dit import (checkpoint, configs, distributed, errors, host_memory, inference, inference_class, routing_maps,
+                    schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary
@@ -88,13 +89,38 @@ def unknown_override(argv) -> str | None:
   return None
 
 
+# Modes that read a finished run: without --config they use the run's own (WORKDIR/config.json).
+RUN_MODES = ("evaluate", "sample", "routing_maps")
+
+
+def _flag_value(argv, name: str) -> str | None:
+  """The last value of `--name=V` or `--name V` in argv, else None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def with_run_config(argv):
+  """argv with `--config=ec_dit/configs.py:WORKDIR` (the run's own config) added for a `RUN_MODES` command
+  that names no --config, so its `--config.sample.*` overrides apply to the run's config."""
+  if _flag_value(argv, "mode") in RUN_MODES and _flag_value(argv, "config") is None:
+    workdir = _flag_value(argv, "workdir")
+    if workdir:
+      return argv[:1] + [f"--config={configs.__file__}:{workdir}"] + argv[1:]
+  return argv
+
+
 def parse_flags(argv):
   """absl's flag parsing, with an unknown `--config.KEY` override as one line instead of a traceback."""
   message = unknown_override(argv)
   if message:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-  return app.parse_flags_with_usage(argv)
+  return app.parse_flags_with_usage(with_run_config(argv))
 
 
 def main(argv):
@@ -114,6 +140,8 @@ def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
+  if FLAGS.mode in RUN_MODES and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
+    _missing_run()
   config = FLAGS.config
   schema.validate(config)
   if FLAGS.mode in ("train", "train_and_evaluate"):  # before anything is written or compiled
@@ -132,27 +160,44 @@ def run(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
-  if FLAGS.mode in ("evaluate", "sample", "routing_maps") and not os.path.isdir(FLAGS.workdir):
-    raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist: --mode={FLAGS.mode} needs a trained run "
-                            f"(train first with --mode=train)")
+  if FLAGS.mode in RUN_MODES:  # a finished run: sampler settings may change, its model may not
+    if not os.path.isdir(FLAGS.workdir):
+      _missing_run()
+    configs.check_applies_to_run(FLAGS.workdir, config, FLAGS.mode)
   if FLAGS.mode == "train_and_evaluate":
     loop.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "train":
     loop.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     generate.evaluate_run(config, FLAGS.workdir, encoders_config=_encoders_given(config))
-  elif FLAGS.mode == "sample" and inference.load_run_config(FLAGS.workdir).model.arch == "dit_moe":
+  elif FLAGS.mode == "sample" and configs.from_run(FLAGS.workdir).model.arch == "dit_moe":
     print("\n".join(inference_class.sample_to_files(FLAGS.workdir, FLAGS.class_label, num_images=FLAGS.num_images,
-                                                   seed=FLAGS.seed, encoders_config=_encoders_given(config))))
+                                                   seed=FLAGS.seed, encoders_config=_encoders_given(config),
+                                                   class_diffusion=config.class_diffusion)))
   elif FLAGS.mode == "sample":
     if not FLAGS.prompt:
       raise app.UsageError("--mode=sample needs at least one --prompt")
+    _check_prompts(FLAGS.prompt)
     paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed,
-                                      encoders_config=_encoders_given(config))
+                                      encoders_config=_encoders_given(config), sample=config.sample)
     print("\n".join(paths))
   elif FLAGS.mode == "routing_maps":
+    _check_prompts(FLAGS.prompt)
     steps = [int(s) for s in FLAGS.routing_steps] if FLAGS.routing_steps else None
-    print("\n".join(routing_maps.routing_maps_to_files(FLAGS.workdir, FLAGS.prompt, steps=steps, seed=FLAGS.seed)))
+    print("\n".join(routing_maps.routing_maps_to_files(FLAGS.workdir, FLAGS.prompt, steps=steps, seed=FLAGS.seed,
+                                                        sample=config.sample)))
+
+
+def _missing_run():
+  raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist: --mode={FLAGS.mode} needs a trained run "
+                          f"(train first with --mode=train)")
+
+
+def _check_prompts(prompts):
+  """An empty --prompt is refused: it would sample the unconditional model into files named unconditional_*."""
+  if any(not p.strip() for p in prompts):
+    raise ValueError("--prompt: empty prompt; give the text to draw, e.g. --prompt=\"a photo of a red circle\" "
+                     "(the model's unconditional samples are its guidance baseline, not a prompt)")
 
 
 if __name__ == "__main__":

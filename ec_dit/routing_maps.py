@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ec_dit.images import prompt_stem, save_png, write_prompt_sidecar
-from ec_dit.inference import TextToImagePipeline
+from ec_dit.inference import TextToImagePipeline, sampler_settings
 from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
                                        shapes_world_groups, specialisation_counts, trace_routing, foreground)
 
@@ -165,18 +165,21 @@ def _wrap(text: str, width: int = 24) -> str:
 
 
 def routing_maps_to_files(workdir: str, prompts: Sequence[str], *, steps: Sequence[int] | None = None,
-                          seed: int = 0, specialisation_by: Sequence[str] = ("shape", "color")) -> list[str]:
+                          seed: int = 0, specialisation_by: Sequence[str] = ("shape", "color"),
+                          sample=None) -> list[str]:
   """`--mode=routing_maps`: PNGs in workdir/routing_maps from the run's latest EMA weights; returns their paths.
 
+  `sample` (a `config.sample` section) replaces the run's sampler settings.
   Per prompt: `<index>_<prompt>_<seed>.png` (image + maps), `..._spread.png` and `....json` (the full prompt);
   then `specialisation_<by>_<all|objects>.png` for each ShapesWorld grouping in
   `specialisation_by` (an MoE model only).
   """
   pipe = TextToImagePipeline.from_run(workdir, batch_size=1)
   out_dir = os.path.join(workdir, "routing_maps")
+  settings = {} if sample is None else sampler_settings(sample)
   paths = []
   if prompts:
-    trace = trace_routing(pipe, prompts, seed=seed)
+    trace = trace_routing(pipe, prompts, seed=seed, **settings)
     for i, prompt in enumerate(trace.prompts):
       stem = os.path.join(out_dir, prompt_stem(i, prompt, seed))  # unique per prompt; full prompt in the sidecar
       paths.append(save_figure(routing_map_figure(trace, i, steps), stem + ".png"))
@@ -185,7 +188,8 @@ def routing_maps_to_files(workdir: str, prompts: Sequence[str], *, steps: Sequen
   if pipe.config.model.ffn.kind != "dense":
     for by in specialisation_by:
       for region in ("all", "objects"):
-        labels, counts = expert_specialisation(pipe, shapes_world_groups(by), seed=seed, region=region)
+        labels, counts = expert_specialisation(pipe, shapes_world_groups(by), seed=seed, region=region,
+                                               **settings)
         fig = specialisation_figure(labels, counts, f"expert choice frequency per {by} ({region.rstrip('s')} tokens)")
         paths.append(save_figure(fig, os.path.join(out_dir, f"specialisation_{by}_{region}.png")))
   return paths

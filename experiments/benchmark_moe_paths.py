@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -52,7 +51,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ec_dit import primitives, sharding
+from ec_dit import configs, primitives, sharding
 from ec_dit.model import dit_moe
 from ec_dit.moe import dispatch as dispatch_lib
 from ec_dit.moe import layers
@@ -178,10 +177,7 @@ def xla_flops(compiled):
 
 def load_dit_moe_config(variant):
   """configs/dit_moe.py's `variant`."""
-  spec = importlib.util.spec_from_file_location("dit_moe_config", REPO / "configs" / "dit_moe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs.load(f"{REPO / 'configs' / 'dit_moe.py'}:{variant}", validate=False)
 
 
 def expert_flops(tokens, d, hidden, slots_per_token, swiglu):

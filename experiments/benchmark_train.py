@@ -22,6 +22,16 @@ How
   round the matmul and every variant run (`--steps` train steps, one sampling
   batch) in a rotated order, so machine noise hits all alike. Medians over rounds.
 
+The loop against the step (`--loop`)
+  The real training loop (`ec_dit.training.loop.train`: the ShapesWorld input pipeline
+  rendering on the same cores, device transfers, NaN checks, logging, checkpoints) on
+  the tiny default, `--steps` steps per round (default 200), resuming in one workdir,
+  interleaved round by round with the bare jitted step on batches made beforehand and
+  the matmul. The loop's rate is timed between its progress-bar updates from the
+  third step of each round to the last (the first loads the compiled step), so it
+  counts what a long run pays per step; sample grids are off (their share of a
+  full run is in docs/benchmarks.md). Prints both rates and their ratio.
+
 Host memory (`--host_malloc reuse|default`)
   `reuse` (the default) sets the process's malloc as `python -m ec_dit.main` does
   (ec_dit/host_memory.py: XLA:CPU's per-step temporaries are reused, not page-faulted
@@ -42,9 +52,10 @@ Usage
   python experiments/benchmark_train.py --suite s2 --rounds 3
   python experiments/benchmark_train.py --suite tiny --quick
   python experiments/benchmark_train.py --ref_tree /tmp/ref_main --rounds 9
+  python experiments/benchmark_train.py --loop --rounds 3            # real loop vs bare step, ~10 minutes
 
 Output: a table per suite, then JSON lines starting with {"benchmark": "train_tiny",
-{"benchmark": "train_s2" or {"benchmark": "train_tiny_vs_ref".
+{"benchmark": "train_s2", {"benchmark": "train_tiny_vs_ref" or {"benchmark": "train_loop_vs_step".
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 if "--worker" not in sys.argv:  # this tree's ec_dit, not an installed copy (a worker's PYTHONPATH names its tree)
@@ -67,7 +79,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ec_dit import data, tokenizer as tokenizer_lib  # noqa: E402
 from ec_dit.inference import TextToImagePipeline  # noqa: E402
-from ec_dit.training import class_cond, optimizers, state as state_lib, step as step_lib  # noqa: E402
+from ec_dit.training import (class_cond, loop as loop_lib, metrics as metrics_lib, optimizers,  # noqa: E402
+                             state as state_lib, step as step_lib)
 
 import train_shapes  # noqa: E402
 
@@ -139,6 +152,51 @@ class Sampler:
     t = time.perf_counter()
     images = self.pipe.generate(self.prompts, seed=0)
     return len(images) / (time.perf_counter() - t)
+
+
+class LoopRunner:
+  """The real training loop of the tiny default, `steps(n)` more steps per call in one workdir (it resumes)."""
+
+  def __init__(self, tree, workdir):
+    self.config = tiny_config(tree, "ec")
+    self.config.eval_every_steps = 0  # grids are timed apart (docs/benchmarks.md)
+    self.config.num_train_steps = 0
+    self.workdir, self.times = workdir, []
+    real_bar = metrics_lib.progress_bar
+
+    def timed_bar(total, initial, enabled=True):  # the loop's own progress bar, recording each step's end
+      bar = real_bar(total, initial, enabled=False)
+      update = bar.update
+      bar.update = lambda n=1: (self.times.append(time.perf_counter()), update(n))
+      return bar
+    metrics_lib.progress_bar = timed_bar
+
+  def steps(self, n):
+    self.config.num_train_steps += n + 2
+    self.times = []
+    loop_lib.train(self.config, self.workdir, list_outputs=False)
+    return (len(self.times) - 3) / (self.times[-1] - self.times[2])
+
+
+def run_loop(args):
+  """--loop: the real loop, the bare step and the matmul, interleaved; rates, ratio, JSON line."""
+  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench_loop_cache_"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  matmul, bare = train_shapes.Matmul(), tiny_trainer(TREE, "ec")
+  with tempfile.TemporaryDirectory() as workdir:
+    runner = LoopRunner(TREE, workdir)
+    runner.steps(2)  # compiles, writes the first checkpoint
+    timers = {"matmul": matmul.rate, "step": lambda: bare.steps(args.steps), "loop": lambda: runner.steps(args.steps)}
+    res = interleave(timers, args.rounds)
+  med = {k: statistics.median(v) for k, v in res.items()}
+  print(f"tiny default, {args.rounds} interleaved rounds of {args.steps} steps: bare step {med['step']:.3f} steps/s, "
+        f"training loop {med['loop']:.3f} steps/s, loop/step = {med['loop'] / med['step']:.3f}; "
+        f"float32 matmul {train_shapes.MATMUL_N}^2 {med['matmul'] / 1e9:.1f} GFLOP/s")
+  print(json.dumps({"benchmark": "train_loop_vs_step", "rounds": args.rounds, "steps_per_round": args.steps,
+                    "step_steps_per_sec": round(med["step"], 3), "loop_steps_per_sec": round(med["loop"], 3),
+                    "loop_vs_step": round(med["loop"] / med["step"], 3), "matmul_flops_per_sec": med["matmul"],
+                    "loop_vs_step_per_round": [round(a / b, 3) for a, b in zip(res["loop"], res["step"])],
+                    **{f"{k}_rounds": [round(x, 3) for x in v] for k, v in res.items() if k != "matmul"}}))
 
 
 def interleave(timers: dict, rounds: int) -> dict:
@@ -300,6 +358,7 @@ def main():
   parser.add_argument("--ref_tree", help="compare the tiny default's steps/s of this source tree with the current one")
   parser.add_argument("--host_malloc", choices=("reuse", "default"), default="reuse",
                       help="reuse: malloc set as `python -m ec_dit.main` sets it (ec_dit/host_memory.py)")
+  parser.add_argument("--loop", action="store_true", help="the real training loop against the bare step (tiny)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
@@ -308,6 +367,11 @@ def main():
     worker(args.worker, args.host_malloc)
   elif args.ref_tree:
     compare_trees(args)
+  elif args.loop:
+    if "--steps" not in sys.argv:
+      args.steps = 200
+    print(f"host malloc: {args.host_malloc} (applied: {set_host_malloc(args.host_malloc)})", flush=True)
+    run_loop(args)
   else:
     print(f"host malloc: {args.host_malloc} (applied: {set_host_malloc(args.host_malloc)})", flush=True)
     run_suites(args)

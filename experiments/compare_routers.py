@@ -38,7 +38,6 @@ command after an interruption.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -52,7 +51,7 @@ from matplotlib.figure import Figure
 # The library's entry points, in one place:
 import jax
 
-from ec_dit import data, tokenizer as tokenizer_lib
+from ec_dit import configs, data, tokenizer as tokenizer_lib
 from ec_dit.geneval import harness, prompts as prompts_lib, scores as scores_lib
 from ec_dit.geneval.generate import evaluate_run as evaluate, generate_into
 from ec_dit.inference import TextToImagePipeline
@@ -69,10 +68,8 @@ TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "
 
 
 def load_config(variant: str, args, seed: int):
-  spec = importlib.util.spec_from_file_location("ec_dit_tiny", REPO / "configs" / "ec_dit_tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None if variant == "ec" else variant)
+  tiny = REPO / "configs" / "ec_dit_tiny.py"
+  config = configs.load(str(tiny) if variant == "ec" else f"{tiny}:{variant}", validate=False)
   config.num_train_steps = args.steps
   config.warmup_steps = min(config.warmup_steps, max(1, args.steps // 10))
   config.seed = seed

@@ -5,21 +5,18 @@ not from `configs/ec_dit_tiny.py`: retuning the default run cannot change what a
 unit test sees.
 """
 
-import importlib.util
 import pathlib
 
+from ec_dit import configs
 from micro_config import get_config as base_test_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, variant: str | None = None, path=None):
-  """Loads configs/<name>.py (or `path`) and calls get_config(variant), as `--config=file.py:variant` does."""
+  """configs/<name>.py (or `path`) as `--config=file.py:variant` loads it (`ec_dit.configs.load`, unvalidated)."""
   path = path or REPO / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs.load(f"{path}:{variant}" if variant else str(path), validate=False)
 
 
 def micro_config(variant: str | None = None, **ffn):

@@ -1,21 +1,15 @@
 """Writes small random T5 and VAE checkpoints in Hugging Face layout, and captioned image folders, for tests.
 
-The checkpoints are our NNX modules at random initialisation, written under the
-transformers / diffusers tensor names and layouts that `from_pretrained` reads
-(the inverse of each module's `checkpoint_sources`), plus the tokenizer fixture.
+The checkpoints come from `ec_dit.tools.random_encoders` (the command a user runs for the latent demo)
+at the tests' smaller sizes, with the tokenizer fixture.
 """
 
-import json
 import pathlib
-import shutil
 
 import numpy as np
-from flax import nnx
 from PIL import Image
-from safetensors.numpy import save_file
 
-from ec_dit.encoders import t5 as t5_lib, vae as vae_lib
-from ec_dit.encoders.hf_checkpoint import Source
+from ec_dit.tools import random_encoders
 
 FIXTURES = pathlib.Path(__file__).with_name("fixtures") / "encoders"
 
@@ -30,31 +24,15 @@ VAE_CONFIG = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_chann
               "use_post_quant_conv": True, "mid_block_add_attention": True}
 
 
-def _export(module: nnx.Module, sources: dict[str, Source], folder: pathlib.Path, file: str, config: dict) -> None:
-  tensors = {}
-  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    src = sources[".".join(str(p) for p in path)]
-    x = np.asarray(var[...], np.float32)
-    tensors[src.names[0]] = np.ascontiguousarray(x if src.perm is None else x.transpose(np.argsort(src.perm)))
-  folder.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(folder / file))
-  (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def write_t5(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
-  """A random 2-layer T5 encoder (width 32) with the fixture tokenizer."""
-  c = t5_lib.T5Config.from_dict(T5_CONFIG)
-  _export(t5_lib.T5Encoder(c, rngs=nnx.Rngs(seed)), t5_lib.checkpoint_sources(c), folder, "model.safetensors",
-          T5_CONFIG)
-  shutil.copy(FIXTURES / "tokenizer" / "spiece.model", folder / "spiece.model")
-  return folder
+  """A random 2-layer T5 encoder (width 32) with the fixture tokenizer (`python -m ec_dit.tools.random_encoders`)."""
+  return random_encoders.write_t5(folder, config=T5_CONFIG, seed=seed,
+                                  tokenizer=FIXTURES / "tokenizer" / "spiece.model")
 
 
 def write_vae(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
   """A random AutoencoderKL with one downsampling: 16x16x3 images <-> 8x8x4 latents."""
-  model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(VAE_CONFIG), rngs=nnx.Rngs(seed))
-  _export(model, vae_lib.checkpoint_sources(model), folder, "diffusion_pytorch_model.safetensors", VAE_CONFIG)
-  return folder
+  return random_encoders.write_vae(folder, config=VAE_CONFIG, seed=seed)
 
 
 COLORS = {"red": (220, 40, 40), "green": (50, 160, 60), "blue": (40, 90, 220), "yellow": (240, 220, 40)}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ec_dit import data, inference, schema, tokenizer as tokenizer_lib
+from ec_dit import configs, data, inference, schema, tokenizer as tokenizer_lib
 from ec_dit.geneval import prompts
 from ec_dit.tools import model_summary
 from helpers import REPO, load_config, base_test_config
@@ -182,3 +182,15 @@ def test_tiny_text_context_truncates_none_of_its_prompts():
               + [source[i]["caption"] for i in range(300)])
   length, longest = max((len(tokenizer.pieces(c)), c) for c in captions)
   assert length <= config.model.context_len, longest
+
+
+def test_applicable_model_shows_only_the_fields_the_model_reads():
+  """The notebook prints `configs.applicable_model(config)`: no class_cond for a text model, no token-choice
+  fields for expert choice, no expert fields for a dense FFN."""
+  ec = configs.applicable_model(load_config("ec_dit_tiny"))
+  assert "class_cond" not in ec and "train_capacity_factor" in ec.ffn and "top_k" not in ec.ffn
+  tc = configs.applicable_model(load_config("ec_dit_tiny", "tc"))
+  assert "top_k" in tc.ffn and "train_capacity_factor" not in tc.ffn
+  dense = configs.applicable_model(load_config("ec_dit_tiny", "dense"))
+  assert "num_experts" not in dense.ffn and "dense_mlp_ratio" in dense.ffn
+  assert "class_cond" in configs.applicable_model(load_config("dit_moe", "S-8E2A"))

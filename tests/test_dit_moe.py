@@ -169,7 +169,8 @@ def test_convert_writes_a_run_that_the_pipeline_samples(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, pipe.params, expected)
   latents = pipe.generate([1, 5, 7], seed=0)
   assert latents.shape == (3, 8, 8, 4) and latents.dtype == np.float32 and np.isfinite(latents).all()
-  np.testing.assert_array_equal(pipe.generate([5], seed=0, first_index=1)[0], latents[1])  # independent of batching
+  # independent of batching: the same noise, floats at a batch of 1 vs 2 differ only in XLA:CPU's tiling
+  np.testing.assert_allclose(pipe.generate([5], seed=0, first_index=1)[0], latents[1], rtol=1e-5, atol=1e-5)
 
   class FakeDecoder:  # FrozenEncoders.decode's contract: scaled latents -> uint8 images
     def decode(self, z):

@@ -79,7 +79,8 @@ def test_converted_run_continues_training_from_prepared_latents_then_samples(pre
   paths = sample_to_files(str(run), [3], num_images=2, report=lambda text: None)
   assert [p.rsplit("/", 1)[1] for p in paths] == ["class_3_0_0.npy", "class_3_0_1.npy"]
   assert np.load(paths[0]).shape == (8, 8, 4)
-  proc = subprocess.run([sys.executable, "-m", "ec_dit.main", f"--config={REPO}/configs/dit_moe.py:S-8E2A",
+  # no --config: the run's own (configs/dit_moe.py:S-8E2A, another model, would be refused)
+  proc = subprocess.run([sys.executable, "-m", "ec_dit.main",
                          f"--workdir={run}", "--mode=sample", "--class_label=1", "--class_label=5", "--num_images=1",
                          f"--config.encoders.vae_path={vae}"], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from ec_dit import configs
 from ec_dit.geneval import prompts
 from ec_dit.geneval.cli import main
+from helpers import REPO
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "geneval", "evaluation_metadata.jsonl")
 
@@ -94,3 +96,13 @@ def test_help_lists_commands(capsys):
   out = capsys.readouterr().out
   for cmd in ("prompts", "validate", "render", "evaluate", "summary"):
     assert cmd in out
+
+
+def test_the_readme_prompt_command_writes_what_the_default_run_scores(tmp_path):
+  """README: `geneval prompts --domain shapes --seed 0 --per-task 100` = the tiny run's geneval/prompts.jsonl."""
+  readme = (REPO / "README.md").read_text()
+  assert "geneval prompts  --domain shapes --seed 0 --per-task 100 --out prompts.jsonl" in readme
+  out = tmp_path / "prompts.jsonl"
+  assert main(["prompts", "--domain", "shapes", "--seed", "0", "--per-task", "100", "--out", str(out)]) == 0
+  suite = prompts.suite_from_config(configs.load(str(REPO / "configs" / "ec_dit_tiny.py")).geneval)
+  assert out.read_text().splitlines() == [json.dumps(p) for p in suite] and len(suite) == 158

@@ -183,3 +183,18 @@ def test_class_subfolders_give_labels(tmp_path):
   assert [source[i]["label"] for i in range(len(source))] == [0, 0, 1, 1]  # cat, cat, dog, dog (sorted)
   example = writer.read_example(source, 3, image_size=16, min_image_size=4)
   assert example.label == 1 and example.caption == "" and example.image.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"input__image_size": 32}, r"config.model.input_size/in_channels: the VAE in .* turns config.input.image_size=32 "
+                                r"images into 16x16x4 latents \(2x downsampling\), but the model takes 8x8x4; "
+                                r"nothing was encoded. Set config.input.image_size=16"),
+    ({"model__context_dim": 64}, r"config.model.context_dim: the T5 encoder in .* gives 32-wide features, but the "
+                                 r"model's context_dim is 64; nothing was encoded"),
+])
+def test_prepare_checks_the_encoders_against_the_model_before_encoding(assets, tmp_path, fields, match):
+  config = latent_config(input__source=f"folder:{assets['images']}", encoders__t5_path=str(assets["t5"]),
+                         encoders__vae_path=str(assets["vae"]), **fields)
+  with pytest.raises(ValueError, match=match):
+    dataset.prepare_dataset(config, str(tmp_path / "out"), examples_per_shard=16)
+  assert not (tmp_path / "out").exists()

@@ -36,3 +36,12 @@ def test_notebook_executes_with_a_few_steps(tmp_path):
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) >= 5  # loss curve, samples, routing maps, compute spread, specialisation
   assert (tmp_path / "run" / "geneval" / "summary.json").exists()
+
+
+def test_executed_copy_in_docs_has_pictures_and_the_notebooks_code():
+  """docs/quickstart_executed.ipynb (notebooks/execute_copy.py) shows outputs without running anything, and is
+  the stripped notebook's code: regenerate it when the notebook changes."""
+  executed = nbformat.read(REPO / "docs" / "quickstart_executed.ipynb", as_version=4)
+  assert [c.source for c in executed.cells] == [c.source for c in _notebook().cells]
+  images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+  assert len(images) >= 5

@@ -28,12 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from ec_dit import errors, sharding
+from ec_dit import sharding
 
 _SHOW = 5  # how many names an error lists
 
 
-class CheckpointError(errors.CheckpointError):
+class CheckpointError(ValueError):
   """A checkpoint that does not match the module: missing, unexpected or mis-shaped tensors."""
 
 
@@ -50,9 +50,6 @@ CONV = (2, 3, 1, 0)  # torch Conv2d [out, in, kh, kw] -> HWIO [kh, kw, in, out]
 
 def require_folder(path: str | os.PathLike) -> str:
   path = os.fspath(path)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise CheckpointError(f"checkpoint folder {path!r} is a file, not a folder: pass the folder that holds the "
-                          f"Hugging Face config.json and weights (docs/encoders.md)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (nothing is downloaded: "
                             f"place the Hugging Face files there first, see docs/encoders.md)")
@@ -126,10 +123,11 @@ def _bin_reader(files: list[str]) -> Reader:
   except ImportError:
     names = ", ".join(os.path.basename(f) for f in files)
     raise CheckpointError(
-        f"{names}: PyTorch .bin weights need torch, which is not installed. Convert them to safetensors once "
-        f"(where torch is installed): python -c \"import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load('pytorch_model.bin', map_location='cpu', weights_only=True), 'model.safetensors')\" "
-        f"(per shard for sharded .bin files, then drop the .bin index), or use the repository's .safetensors files"
+        f"{names}: PyTorch .bin weights need torch, which is not installed. Convert them to safetensors once, "
+        f"without torch and without running code from the file (ec_dit.torch_pickle's restricted unpickler): "
+        f"python -c \"from ec_dit import torch_pickle; from safetensors.numpy import save_file; "
+        f"save_file(dict(torch_pickle.load('pytorch_model.bin')), 'model.safetensors')\" "
+        f"(per shard for sharded .bin files, then drop the .bin index), or use a repository with .safetensors files"
     ) from None
   tensors = {}
   for file in files:

@@ -67,6 +67,24 @@ def _lock(out: str) -> workdir_lock.Lock | None:
   return lock
 
 
+def check_encoders_fit_model(config, fields: dict) -> None:
+  """The VAE's latent grid and the T5's width (`manifest_fields`) must be what `config.model` trains on;
+  a ValueError naming the field, what the encoder gives and how to fix it, otherwise."""
+  m, e, size = config.model, config.encoders, int(config.input.image_size)
+  h, _, channels = fields["latent_shape"]
+  if (h, channels) != (m.input_size, m.in_channels):
+    factor = size // h
+    raise ValueError(
+        f"config.model.input_size/in_channels: the VAE in {e.vae_path} turns config.input.image_size={size} "
+        f"images into {h}x{h}x{channels} latents ({factor}x downsampling), but the model takes "
+        f"{m.input_size}x{m.input_size}x{m.in_channels}; nothing was encoded. Set config.input.image_size="
+        f"{m.input_size * factor}, or use the config's model with this VAE (input_size={h}, in_channels={channels})")
+  if needs_text(config) and fields["feature_dim"] != m.context_dim:
+    raise ValueError(f"config.model.context_dim: the T5 encoder in {e.t5_path} gives {fields['feature_dim']}-wide "
+                     f"features, but the model's context_dim is {m.context_dim}; nothing was encoded. Set "
+                     f"--config.model.context_dim={fields['feature_dim']} or use the T5 the config was made for")
+
+
 def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_image_size: int | None = None,
                     max_shards: int | None = None, encoders: FrozenEncoders | None = None,
                     max_image_pixels: int = writer.MAX_IMAGE_PIXELS) -> dict | None:
@@ -112,6 +130,7 @@ def _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders,
   encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len,
                                                    need_t5=needs_text(config), mesh=local_mesh())
   fields = dict(manifest_fields(config, encoders, c.source), fingerprint=fp)  # also checks image_size vs the VAE
+  check_encoders_fit_model(config, fields)  # before anything is encoded or written
   # -- Encode this process's shards ------------------------------------------------
   result = writer.prepare_shards(
       source, out, encoders=encoders, image_size=c.image_size, min_image_size=min_size,

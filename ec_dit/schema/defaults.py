@@ -242,7 +242,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 3
-  config.eval_every_steps = 5000     # sample grids; 0 = none
+  config.eval_every_steps = 5000     # sample grids, and one at the last step; 0 = none
   config.diffusion = ml_collections.ConfigDict(dict(
       t_mean=0.0, t_std=1.0,   # logit-normal timesteps
       uncond_prob=0.1,         # text dropped for classifier-free guidance

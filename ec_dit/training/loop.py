@@ -12,6 +12,7 @@ run's bit for bit.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -24,8 +25,8 @@ from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.model import abstract_params, is_class_cond
-from ec_dit.training import (arch, metrics as metrics_lib, optimizers, preemption as preemption_lib, step as step_lib,
-                             workdir as workdir_lib)
+from ec_dit.training import (arch, metrics as metrics_lib, optimizers, preemption as preemption_lib,
+                             report as report_lib, step as step_lib, workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def _finish_saves(manager, workdir, pending) -> None:
     raise checkpoint.save_error(workdir, pending, e) from None
 
 
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, *, list_outputs: bool = True) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics.
 
   Before anything is written: the config is validated, the workdir locked
@@ -119,19 +120,39 @@ def train(config, workdir: str) -> dict[str, Any]:
   checkpoint restored (if checkpoints exist and none restores, the run stops).
   After a SIGTERM or SIGINT the returned dict also holds `"preempted": True`
   (the run saved a checkpoint at the current step and stopped early).
+  A workdir this call created is removed again when the start fails before
+  anything was written into it. At the end, `list_outputs` prints the "wrote"
+  block (`report.wrote_block`) to stderr.
   """
   schema.validate(config)
   sources.check_source(config.input)
   is_main = jax.process_index() == 0
   report = _reporter(is_main)
   with preemption_lib.Preemption() as preemption:
+    created = is_main and not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     lock = _lock(workdir, is_main, report)
     try:
-      return _train(config, workdir, preemption, report)
+      result = _train(config, workdir, preemption, report)
+    except BaseException:
+      if lock is not None:
+        lock.release()
+        lock = None
+      if created:
+        _remove_if_empty(workdir)
+      raise
     finally:
       if lock is not None:
         lock.release()
+  if list_outputs:
+    report(report_lib.wrote_block(workdir))
+  return result
+
+
+def _remove_if_empty(workdir: str) -> None:
+  """Removes `workdir` when it holds no file (only empty folders): a failed start leaves nothing behind."""
+  if not any(files for _, _, files in os.walk(workdir)):
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _train(config, workdir, preemption, report) -> dict[str, Any]:
@@ -151,6 +172,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   steps = arch.steps_for(config)  # text-to-image or class-conditional (config.model.arch)
   _, abstract_state, abstract_ema, shardings = steps.train_state_shardings(config, tx, mesh)
   step_lib.check_batch_split(config, shardings["batch"])
+  report(report_lib.model_size_line(config, abstract_ema))
   graphdef, state, ema = steps.init_state(config, tx, mesh)
 
   # -- Checkpoint: resume from the latest good one (onto this mesh, whatever mesh saved it)
@@ -173,10 +195,21 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
-  grid_pipe, pending, bad_total = None, None, 0
+  grid_pipe, pending, bad_total, unchecked = None, None, 0, None
   skip_bad = config.input.skip_bad_examples
   progress = metrics_lib.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
+  estimate = report_lib.DurationEstimate(start + 1, config.num_train_steps, report)
+
+  def check_finite(checked_step, checked):  # fail fast, never log, save or sample a non-finite state
+    loss = float(checked["loss"])
+    if not (np.isfinite(loss) and bool(checked["params_finite"])):
+      _finish_saves(manager, workdir, pending)
+      progress.close()
+      what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
+      raise FloatingPointError(f"{what} at step {checked_step}; stopping. The last checkpoint "
+                               f"(step {manager.latest_step()}) is intact.")
+
   stop, _ = preemption_lib.agree(preemption.requested)  # a signal before the first step: nothing new to save
   for step in range(start + 1, config.num_train_steps + 1):
     if stop:
@@ -185,16 +218,22 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
     bad = int(np.sum(local.pop("bad"))) if "bad" in local else 0
     batch = data_pipeline.global_batch(arch.train_batch(config, local), shardings["batch"])
     state, ema, metrics = train_step(state, ema, batch)
-    loss = float(metrics["loss"])
-    if not (np.isfinite(loss) and bool(metrics["params_finite"])):  # fail fast, never checkpoint NaN
-      _finish_saves(manager, workdir, pending)
-      progress.close()
-      what = f"non-finite loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
-      raise FloatingPointError(f"{what} at step {step}; stopping. The last checkpoint "
-                               f"(step {manager.latest_step()}) is intact.")
+
+    # The previous step is checked now, while this one runs: reading this step's loss would make the host
+    # wait for it before fetching the next batch. A step that is logged, saved or sampled is checked first.
+    if unchecked is not None:
+      check_finite(*unchecked)
     stop, (bad,) = preemption_lib.agree(preemption.requested, bad)
+    every = config.eval_every_steps
+    grid_due = bool(every) and (step % every == 0 or step == config.num_train_steps)  # and always at the end
+    unchecked = (step, metrics)
+    if (stop or grid_due or step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
+        or step == config.num_train_steps):
+      check_finite(*unchecked)
+      unchecked = None
     bad_total += bad
     progress.update(1)
+    estimate.step(step)
     steps_since += 1
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       now = time.time()
@@ -204,7 +243,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
         scalars["input/bad_examples"] = bad_total
       t_last, steps_since = now, 0
       writer.write_scalars(step, scalars)
-      progress.set_postfix(loss=f"{loss:.4f}")
+      progress.set_postfix(loss=f"{scalars['loss']:.4f}")
     if stop:
       who = preemption.signal_name or "a stop request on another process"
       report(f"{who} at step {step}: saving a checkpoint and exiting")
@@ -212,7 +251,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       break
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       pending = _save(manager, workdir, step, state, ema, data_iter, pending)
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and is_main and not is_class_cond(config):
+    if grid_due and is_main and not is_class_cond(config):
       grid_pipe = grid_pipe or sample_grid_pipeline(config)
       write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
       routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
@@ -237,11 +276,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model would take minutes the VM does not have and print a score for the wrong run.
   Rerunning the same command resumes training and then evaluates.
   """
-  result = train(config, workdir)
+  result = train(config, workdir, list_outputs=False)
+  report = _reporter(jax.process_index() == 0)
   if result.get("preempted"):
+    report(report_lib.wrote_block(workdir))
     return result
   if is_class_cond(config):
-    print(f"no GenEval for class-conditional runs (config.model.arch='dit_moe'): sample with python -m "
-          f"ec_dit.main --mode=sample --workdir={workdir} --class_label=N", file=sys.stderr, flush=True)
+    report(f"no GenEval for class-conditional runs (config.model.arch='dit_moe'): sample with python -m "
+           f"ec_dit.main --mode=sample --workdir={workdir} --class_label=N")
+    report(report_lib.wrote_block(workdir))
     return result
-  return generate.evaluate_run(config, workdir)
+  scores = generate.evaluate_run(config, workdir)
+  report(report_lib.wrote_block(workdir))
+  return scores
