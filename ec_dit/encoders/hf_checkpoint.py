@@ -28,12 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from ec_dit import sharding
+from ec_dit import errors, sharding
 
 _SHOW = 5  # how many names an error lists
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
   """A checkpoint that does not match the module: missing, unexpected or mis-shaped tensors."""
 
 
@@ -50,6 +50,9 @@ CONV = (2, 3, 1, 0)  # torch Conv2d [out, in, kh, kw] -> HWIO [kh, kw, in, out]
 
 def require_folder(path: str | os.PathLike) -> str:
   path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint folder {path!r} is a file, not a folder: pass the folder that holds the "
+                          f"Hugging Face config.json and weights (docs/encoders.md)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (nothing is downloaded: "
                             f"place the Hugging Face files there first, see docs/encoders.md)")
