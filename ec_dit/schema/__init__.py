@@ -11,12 +11,13 @@ from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DEFAULT_RULES, D
                                     FFN_KINDS, GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS,
                                     PREPARE_README, REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, SOURCE_KINDS, TASKS,
                                     TEXT_ENCODERS, TOKENIZERS, VARIANTS, apply_variant, base_config,
-                                    heldout_defaults, input_defaults, mesh_defaults, model_defaults, paper_config,
+                                    input_defaults, mesh_defaults, model_defaults, paper_config,
                                     paper_model)
 from ec_dit.schema.class_cond import (ARCHS, CLASS_OBJECTIVES, CLASS_SAMPLERS, class_cond_model_defaults,
                                      class_diffusion_defaults, validate_class_cond)
+from ec_dit.schema.heldout import heldout_defaults, validate_heldout
 from ec_dit.schema.resume import (RESUME_SAFE_FIELDS, RESUME_STATE_FIELDS, config_differences, flatten,
                                   is_safe_field, is_state_field, split_differences)
 from ec_dit.schema.validation import (as_axes, check_paths, fail, is_int, missing_paths, parse_source, validate,
-                                      validate_heldout, validate_input, validate_mesh,
+                                      validate_input, validate_mesh,
                                       validate_model, validate_training, with_input_defaults)

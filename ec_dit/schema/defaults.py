@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from ec_dit.schema.class_cond import class_cond_model_defaults, class_diffusion_defaults
+from ec_dit.schema.heldout import heldout_defaults
 
 # -- Allowed values ------------------------------------------------------------
 FFN_KINDS = ("dense", "expert_choice", "token_choice")
@@ -245,24 +246,6 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.heldout = heldout_defaults()  # the held-out loss (ec_dit.training.heldout)
   return config
-
-
-def heldout_defaults() -> ml_collections.ConfigDict:
-  """The `config.heldout` section: a loss on examples training never draws, at fixed t and fixed noise.
-
-  Fields:
-    every_steps: log it every this many steps (and at the last step); 0 = never.
-    num_examples: held-out examples: ShapesWorld indices [num_examples, num_examples + this) of the
-      training seed (past the training source); other sources: their last min(this, length // 10)
-      records, left out of training.
-    batch_size: examples per evaluated batch; 0 = config.batch_size (so batch-level routing groups
-      see batches of the training size).
-    t_values: the fixed grid of times t (1 = pure noise) the loss is averaged over.
-    seed: the fixed noise (and latent draws) of every example and t.
-  """
-  return ml_collections.ConfigDict(dict(
-      every_steps=500, num_examples=256, batch_size=0, t_values=(0.1, 0.3, 0.5, 0.7, 0.9), seed=0,
-  ))
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.class_cond import validate_class_cond
+from ec_dit.schema.heldout import validate_heldout
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
@@ -96,11 +97,9 @@ def validate_model(m, prefix: str = "model") -> None:
   for name in ("router_z_loss_coef", "balance_loss_coef"):
     if f[name] < 0:
       fail(f"{p}.{name}", ">= 0", f[name])
-  tokens = (m.input_size // m.patch_size) ** 2
-  g = f.routing_group_size
+  g, tokens = f.routing_group_size, (m.input_size // m.patch_size) ** 2
   if not isinstance(g, int) or g < -1 or (g > 0 and tokens % g and g % tokens):
-    fail(f"{p}.routing_group_size", f"0 (per image), -1 (the whole batch) or a divisor or multiple of tokens per "
-         f"image ({tokens})", g)
+    fail(f"{p}.routing_group_size", f"0 (per image), -1 (whole batch), a divisor or multiple of {tokens}", g)
 
 
 def validate(config) -> None:
@@ -109,6 +108,7 @@ def validate(config) -> None:
   validate_model(config.model)
   validate_class_cond(config)
   validate_training(config)
+  validate_heldout(config)
   validate_input(config.input)
   validate_mesh(config.mesh)
 
@@ -207,20 +207,6 @@ def validate_training(config) -> None:
   for name in ("per_task", "images_per_prompt", "batch_size"):
     _check_int(g, name, 1, "geneval.")
   _check_int(g, "prompt_seed", 0, "geneval.")
-  validate_heldout(config)
-
-
-def validate_heldout(config) -> None:
-  """Checks `config.heldout` (the held-out loss); raises ValueError naming the first bad field."""
-  h = config.heldout
-  _check_int(h, "every_steps", 0, "heldout.")  # 0: never
-  _check_int(h, "num_examples", 1, "heldout.")
-  _check_int(h, "batch_size", 0, "heldout.")  # 0: config.batch_size
-  _check_int(h, "seed", 0, "heldout.")
-  t = h.t_values
-  if (isinstance(t, str) or not hasattr(t, "__len__") or not len(t)
-      or not all(_is_number(v) and 0.0 < v <= 1.0 for v in t)):
-    fail("heldout.t_values", "a non-empty list of numbers in (0, 1]", t)
 
 
 # -- config.input ----------------------------------------------------------------
