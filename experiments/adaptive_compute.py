@@ -49,14 +49,14 @@ START, END = "<!-- adaptive_compute:start -->", "<!-- adaptive_compute:end -->"
 def load(workdir: str):
   """(config, jitted forward(x_t, t, tokens, mask) -> (v, {layer: experts_per_token [B, S]})) with EMA weights."""
   config = load_run_config(workdir)
-  params = checkpoint.restore_ema(config, workdir)
+  params = jax.tree.map(jnp.asarray, checkpoint.restore_ema(config, workdir))
   graphdef, _ = state_lib.init_model(config)
 
   @jax.jit
-  def forward(x, t, tokens, mask):
+  def apply(params, x, t, tokens, mask):
     v, aux = nnx.merge(graphdef, params)(x, t, tokens, mask)
     return v, {k: d["experts_per_token"] for k, d in aux["moe"].items()}
-  return config, forward
+  return config, lambda *inputs: apply(params, *inputs)
 
 
 def held_out(config, n: int):
@@ -97,6 +97,19 @@ def run_model(forward, examples, t: float, noise: np.ndarray, batch: int):
   return np.concatenate(errors), {k: np.concatenate(c) for k, c in counts.items()}
 
 
+def spearman_ci(a: np.ndarray, b: np.ndarray, resamples: int = 200, seed: int = 0) -> tuple[float, float, float]:
+  """Spearman of a and b ([N, ...] per image, pooled) and its 95% bootstrap interval, resampling images:
+  tokens of one image are not independent draws, images are."""
+  rho = float(stats.spearmanr(a.ravel(), b.ravel())[0])
+  rng = np.random.default_rng(seed)
+  boot = []
+  for _ in range(resamples):
+    pick = rng.integers(0, len(a), len(a))
+    boot.append(stats.spearmanr(a[pick].ravel(), b[pick].ravel())[0])
+  low, high = np.nanpercentile(boot, [2.5, 97.5])
+  return rho, float(low), float(high)
+
+
 def measure(args) -> dict:
   ec_config, ec = load(args.ec)
   dense_config, dense = load(args.dense)
@@ -117,6 +130,12 @@ def measure(args) -> dict:
     counts["all"] = sum(counts.values())
     for layer, c in counts.items():
       r = result["ec"].setdefault(layer, {"dense_loss": [], "edge_density": []})
+      if layer == "all":  # with a bootstrap interval over images
+        for what, d in (("dense_loss", difficulty), ("edge_density", edges)):
+          rho, low, high = spearman_ci(c, d)
+          r[what].append(rho)
+          r.setdefault(what + "_ci", []).append([low, high])
+        continue
       r["dense_loss"].append(float(stats.spearmanr(c.ravel(), difficulty.ravel())[0]))
       r["edge_density"].append(float(stats.spearmanr(c.ravel(), edges.ravel())[0]))
     if batched is not None:
@@ -126,7 +145,9 @@ def measure(args) -> dict:
         fair = c.sum() / len(c)  # slots per image if every image got the same
         share = c.sum(1) / fair
         r = result["ec_batch"].setdefault(layer, {"spearman_objects": [], "share_by_objects": {}})
-        r["spearman_objects"].append(float(stats.spearmanr(share, objects)[0]))
+        rho, low, high = spearman_ci(share, objects)
+        r["spearman_objects"].append(rho)
+        r.setdefault("spearman_objects_ci", []).append([low, high])
         for n in sorted(set(objects.tolist())):
           r["share_by_objects"].setdefault(str(n), []).append(float(share[objects == n].mean()))
         if layer == "all":
@@ -166,11 +187,14 @@ def markdown(result: dict, figure_name: str) -> str:
   t = result["t"]
   head = "| layer | vs | " + " | ".join(f"t={x:g}" for x in t) + " |"
   lines = [f"On {result['num_examples']} held-out examples with fixed noise; Spearman rank correlation over all "
-           f"tokens between a token's number of experts and its difficulty.", "", head,
+           f"tokens between a token's number of experts and its difficulty (\"all\": summed over the MoE layers, "
+           f"with a 95% bootstrap interval over images).", "", head,
            "|---|---|" + "---|" * len(t)]
   for layer, r in result["ec"].items():
     for what in ("dense_loss", "edge_density"):
-      lines.append(f"| {layer} | {what.replace('_', ' ')} | " + " | ".join(f"{v:+.2f}" for v in r[what]) + " |")
+      lines.append(f"| {layer} | {what.replace('_', ' ')} | " + " | ".join(
+          f"{v:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+          for v, ci in zip(r[what], r.get(what + "_ci", [None] * len(r[what])))) + " |")
   if "all" in result["ec_batch"]:
     r = result["ec_batch"]["all"]
     lines += ["", "One routing group over the whole batch (ec_batch): expert slots per image over the fair share "
@@ -179,7 +203,9 @@ def markdown(result: dict, figure_name: str) -> str:
               "|---|" + "---|" * len(t)]
     for n, share in r["share_by_objects"].items():
       lines.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in share) + " |")
-    lines.append("| Spearman(slots, objects) | " + " | ".join(f"{v:+.2f}" for v in r["spearman_objects"]) + " |")
+    lines.append("| Spearman(slots, objects) | " + " | ".join(
+        f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for v, ci in zip(r["spearman_objects"], r["spearman_objects_ci"]))
+                 + " |")
     tok = result["ec_batch"]["tokens_all"]
     for what in ("dense_loss", "edge_density"):
       lines.append(f"| tokens: Spearman vs {what.replace('_', ' ')} | "
