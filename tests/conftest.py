@@ -33,7 +33,7 @@ def pytest_unconfigure(config):
 # workers start on the longest files, and the short ones fill in at the end, so both finish together.
 SLOW_FILES = ("test_multihost.py", "test_reliability.py", "test_train.py", "test_sharding.py", "test_latent_path.py",
               "test_dit_moe_sharding.py", "test_text_and_sampling.py", "test_model.py", "test_dit_moe_training.py",
-              "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py")
+              "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py", "test_heldout.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """The held-out loss: logged by default runs, a function of the parameters alone (same bits from one checkpoint
 twice), and its examples never in the training stream (ShapesWorld past num_examples; other sources' last records)."""
 
+import collections
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 
 from ec_dit import checkpoint, schema, sharding, tokenizer as tokenizer_lib
 from ec_dit.data import pipeline, sources
-from ec_dit.training import heldout, loop, optimizers, state as state_lib
+from ec_dit.training import class_cond, heldout, loop, optimizers, state as state_lib
 from helpers import train_config
 
 
@@ -121,3 +122,29 @@ def test_whole_batch_groups_evaluate():
   assert held.batch_size == 4 and held.weights.sum() == 6
   _, params = state_lib.init_model(config)
   assert np.isfinite(held.loss(params))
+
+
+def test_class_conditional_latents_hold_out_records_and_evaluate(tmp_path):
+  """Prepared latents (here a class-conditional DiT-MoE's): the last record is held out of the stream, and the
+  loss (rectified flow and DDPM) is the same bits twice."""
+  from dit_moe_fixtures import class_config, prepare_class_latents  # builds a VAE: only this test pays for it
+  folder, _ = prepare_class_latents(tmp_path)
+  config = class_config(input__source=f"latents:{folder}")
+  c = config.input
+  examples = pipeline.held_out_examples(c, 256, tokenize=None)
+  assert examples["latent_mean"].shape == (1, 8, 8, 4)  # a tenth of 12 records
+
+  def epoch(**kw):  # the latents of one epoch, as a multiset (the fixture's images repeat within a class)
+    batch = next(iter(pipeline.create_dataset(c, tokenize=None, seed=0, num_epochs=1, **kw)))
+    return collections.Counter(x.tobytes() for x in batch["latent_mean"])
+  training, everything = epoch(batch_size=11, holdout=256), epoch(batch_size=12)
+  assert training + collections.Counter([examples["latent_mean"][0].tobytes()]) == everything
+  source, indices = sources.held_out_source(c, 256)
+  assert list(indices) == [11]  # the last record
+  for objective in ("rectified_flow", "ddpm"):
+    config.class_diffusion.objective = objective
+    config.class_diffusion.sampler = "euler" if objective == "rectified_flow" else "ddpm"
+    graphdef, state, ema = class_cond.init_state(config, optimizers.make_optimizer(config))
+    held = heldout.HeldOut(config, graphdef, sharding.make_mesh(config.mesh), None)
+    first, second = held.metrics(state["params"], ema), held.metrics(state["params"], ema)
+    assert first == second and np.isfinite(first["heldout/loss_ema"])
