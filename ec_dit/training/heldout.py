@@ -125,4 +125,4 @@ def _make_losses(config, graphdef, mesh, t_values):
       model = nnx.merge(graphdef, params)
       return jnp.stack([one_t(model, batch, noise[k], t) for k, t in enumerate(t_values)])
 
-  return jax.jit(losses)
+  return jax.jit(losses, out_shardings=sharding.replicated(mesh))  # every process reads all of it
