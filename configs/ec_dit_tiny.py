@@ -8,6 +8,8 @@ Variants at matched activated compute:
   configs/ec_dit_tiny.py        expert choice, capacity factor 2 (default)
   configs/ec_dit_tiny.py:tc     token choice top-2
   configs/ec_dit_tiny.py:dense  dense FFN of width 2 x 4d at the MoE positions
+  configs/ec_dit_tiny.py:ec_batch  expert choice, one routing group over the whole batch
+  configs/ec_dit_tiny.py:tc_cap2   token choice top-2, capacity factor 2 (drops overflowing tokens)
 """
 
 from ec_dit import schema

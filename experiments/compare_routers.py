@@ -1,144 +1,140 @@
-"""The router comparison in miniature: expert choice vs token choice vs dense at matched activated compute.
+"""The router comparison in miniature, powered: expert choice vs token choice vs dense on a held-out loss.
 
-EC-DiT's claim: expert-choice routing converges faster than dense and token-choice
-models with the same activated compute. This script trains the tiny ShapesWorld
-config in its variants (configs/ec_dit_tiny.py)
+EC-DiT's claim: at matched activated compute, expert-choice routing converges faster than
+dense and token-choice models. This script trains the tiny ShapesWorld default
+(configs/ec_dit_tiny.py: its model, recipe and full step budget) in these variants
 
-  ec        expert choice, capacity factor 2 (the default)
-  tc        token choice top-2, no shared experts (dropless)
-  dit_moe   DiT-MoE's recipe: token choice top-2 + 2 shared experts, balance loss 0.01
+  ec        expert choice, capacity factor 2, one routing group per image (the default)
   dense     a dense FFN of width 2 x 4d at the MoE positions
+  tc        token choice top-2, no shared experts, dropless
+  ec_batch  expert choice with one routing group over the whole batch (EC-DiT's setting)
+  tc_cap2   token choice top-2 with capacity factor 2: the conventional MoE that drops tokens
+  dit_moe   DiT-MoE's recipe: top-2 + 2 shared experts, balance loss 0.01 (--with_dit_moe)
 
-with the same seeds and data order (run seed s: config.seed = config.input.data_seed = s
-for every variant), several seeds each, all for the same number of steps. Then:
+and, the capacity-factor study, expert choice at capacity factors 1, 2 and 4 (ec_cf1, ec_cf2,
+ec_cf4) for half the budget. Every variant runs from the same seeds and data order (seed s:
+config.seed = config.input.data_seed = s). The primary metric is the held-out loss
+(ec_dit.training.heldout: 256 ShapesWorld examples training never draws, 5 fixed t, fixed
+noise, EMA weights) logged every --heldout_every steps; the second is the GenEval-style score.
 
-  * loss curves (the velocity MSE, without auxiliary losses, mean over seeds with the
-    min-max band) against steps and against wall clock: compare_routers.png;
-  * the GenEval-style ShapesWorld score at equal steps (the last checkpoint) and at
-    equal wall clock W (W = the mean training time of the fastest variant; each run is
-    scored at its last checkpoint reached within W): compare_routers.md (a table and a
-    verdict) and compare_routers.jsonl (one JSON object per variant and budget).
+Order (most informative pairs first): seed by seed, ec, dense, tc, ec_batch, tc_cap2; then the
+capacity study seed by seed; then dit_moe. Each (variant, seed) is a cell with its own workdir
+OUT/runs/<variant>_s<seed>; a finished cell (trained, scored) is recorded in
+OUT/cells/<cell>.json, and after each one the report is rewritten: OUT/compare_routers.jsonl
+(one line per run and held-out evaluation, one per score) and, with --docs (default: the repo's
+docs/), compare_routers.{md,jsonl,png} there (experiments/compare_routers_report.py: paired
+differences over seeds with 95% t-intervals, at equal steps and equal wall clock).
 
-Wall clock is steps x each variant's median train-step time, measured by this script in
-one process with the variants interleaved (`--timing_rounds` rounds of `--timing_steps`
-steps each, rotated order, after compiling), and cached in OUT/step_times.json: the runs
-themselves may share the machine with other work, so their own loop times (kept in the
-table as "loop time") are not comparable between variants. Delete step_times.json to
-re-measure (e.g. after a speed change; the trained runs need not be redone).
+Wall clock is steps x each variant's median train-step time, measured first in one process
+with the variants interleaved (OUT/step_times.json), since the runs share the machine. Equal
+wall clock W = the full budget of the fastest variant; a slower variant is compared at the
+held-out loss it had at W (interpolated between evaluations) and scored at its last
+checkpoint within W.
 
-It runs unattended and resumes where it stopped: each run has its own workdir
-(OUT/runs/<variant>_s<seed>), training resumes from its Orbax checkpoints, a finished
-run is marked with train_done.json and every score is cached as JSON. Rerun the same
-command after an interruption.
+Unattended and resumable: kill it at any time and rerun the same command; training resumes
+from its checkpoints, finished cells and scores are cached.
 
-  python experiments/compare_routers.py --out runs/compare_routers                # the full comparison
-  python experiments/compare_routers.py --out /tmp/cr --steps 30 --seeds 0 --per_task 2 --images_per_prompt 1
+  nohup nice -n 19 python experiments/compare_routers.py --out /work/runs32 > /work/runs32/log.txt 2>&1 &
+  python experiments/compare_routers.py --out /work/runs32 --report_only          # docs from finished cells
+  python experiments/compare_routers.py --out /tmp/cr --steps 40 --seeds 0 --per_task 1 --images_per_prompt 1 \
+      --heldout_every 20 --checkpoints 2 --timing_rounds 1 --timing_steps 2 --docs /tmp/cr   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
 import statistics
 import time
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-# The library's entry points, in one place:
 import jax
 
 from ec_dit import configs, data, tokenizer as tokenizer_lib
 from ec_dit.geneval import harness, prompts as prompts_lib, scores as scores_lib
-from ec_dit.geneval.generate import evaluate_run as evaluate, generate_into
+from ec_dit.geneval.generate import evaluate_run, generate_into
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from ec_dit.training.loop import train
 
+import compare_routers_report as report
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("ec", "tc", "dit_moe", "dense")
-# The budget: at the step times of this 2-core machine alone (after issue 21: ec 4.6, dense 4.6, tc 3.6,
-# dit_moe 3.2 steps/s) 700 steps x 4 variants is ~12 min of training per seed; scoring 308 images per run
-# at two budgets ~1.5 min per run; compiling and timing ~6 min: ~70 min for 3 seeds, ~45 for 2.
-DEFAULT_STEPS = 700
-TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+ROUTER_VARIANTS = ("ec", "dense", "tc", "ec_batch", "tc_cap2", "dit_moe")
+CAPACITY_VARIANTS = {"ec_cf1": 1.0, "ec_cf2": 2.0, "ec_cf4": 4.0}
 
 
-def load_config(variant: str, args, seed: int):
+def tiny_config(variant: str, seed: int, steps: int | None, args):
+  """The tiny default as the variant, seed s for init and data, the study's cadences; `steps` None = the default's."""
   tiny = REPO / "configs" / "ec_dit_tiny.py"
-  config = configs.load(str(tiny) if variant == "ec" else f"{tiny}:{variant}", validate=False)
-  config.num_train_steps = args.steps
-  config.warmup_steps = min(config.warmup_steps, max(1, args.steps // 10))
-  config.seed = seed
-  config.input.data_seed = seed
-  config.log_every_steps = max(1, min(10, args.steps // 10))
-  config.checkpoint_every_steps = max(1, args.steps // args.checkpoints)
-  config.keep_checkpoints = args.checkpoints + 2  # keep them all: the equal-wall-clock score needs one
+  config = configs.load(f"{tiny}:{'ec' if variant in CAPACITY_VARIANTS else variant}", validate=False)
+  if variant in CAPACITY_VARIANTS:
+    config.model.ffn.train_capacity_factor = config.model.ffn.eval_capacity_factor = CAPACITY_VARIANTS[variant]
+  if steps is not None:
+    config.num_train_steps = steps
+    config.warmup_steps = min(config.warmup_steps, max(1, steps // 10))
+    config.log_every_steps = min(config.log_every_steps, max(1, steps // 10))
+  config.seed = config.input.data_seed = seed
+  config.checkpoint_every_steps = max(1, config.num_train_steps // args.checkpoints)
+  config.keep_checkpoints = args.checkpoints + 2  # all kept: the equal-wall-clock score needs one within W
   config.eval_every_steps = 0
+  config.heldout.every_steps = args.heldout_every
   config.geneval.per_task = args.per_task
   config.geneval.images_per_prompt = args.images_per_prompt
   return config
 
 
-def read_log(workdir: str) -> dict[int, dict]:
-  """step -> the logged row (the last one for a step: a resumed run rewrites the steps after its checkpoint)."""
-  rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      rows[row["step"]] = row
-  return rows
+def cells(args) -> list[dict]:
+  """The study's cells in the order they run: the most informative pairs first."""
+  full = args.steps
+  half = None if full is None else max(1, full // 2)
+  out = []
+  for seed in args.seeds:
+    out += [dict(study="routers", variant=v, seed=seed, steps=full) for v in args.variants if v != "dit_moe"]
+  for seed in args.seeds:
+    out += [dict(study="capacity", variant=v, seed=seed, steps=half, half=True) for v in args.capacity]
+  if "dit_moe" in args.variants:
+    out += [dict(study="routers", variant="dit_moe", seed=seed, steps=full) for seed in args.seeds]
+  for c in out:
+    c["name"] = f"{c['variant']}{'_half' if c.get('half') else ''}_s{c['seed']}"
+    c["workdir"] = os.path.join(args.out, "runs", c["name"])
+  return out
 
 
-def loop_curve(workdir: str):
-  """(steps, mse, cumulative loop seconds) of a run from its metrics.jsonl.
+def cell_config(cell, args):
+  config = tiny_config(cell["variant"], cell["seed"], cell["steps"], args)
+  if cell.get("half") and cell["steps"] is None:
+    config.num_train_steps //= 2
+    config.checkpoint_every_steps = max(1, config.num_train_steps // args.checkpoints)
+  return config
 
-  The first interval keeps its compilation. A later interval slower than a third of
-  the run's median rate is a restart after an interruption (recompiling, restoring):
-  it is counted at the median rate, so an interrupted run is not charged for it.
+
+def measure_step_times(args, variants, name: str) -> dict[str, float]:
+  """Median seconds per train step of each variant, interleaved in this process; cached in OUT/<name>.json.
+
+  Each variant's jitted step (forward, backward, optimizer, EMA) is compiled and run once,
+  then `args.timing_rounds` rounds time `args.timing_steps` steps of every variant in a
+  rotated order on prepared batches, so the machine's load hits all alike.
   """
-  rows = read_log(workdir)
-  steps = sorted(rows)
-  rates = np.array([max(rows[s]["steps_per_sec"], 1e-9) for s in steps])
-  median = float(np.median(rates))
-  seconds, last, total = [], 0, 0.0
-  for i, s in enumerate(steps):
-    rate = median if i > 0 and rates[i] < median / 3 else rates[i]
-    total += (s - last) / rate
-    seconds.append(total)
-    last = s
-  return np.array(steps), np.array([rows[s]["mse"] for s in steps]), np.array(seconds)
-
-
-def measure_step_times(args, variants) -> dict[str, float]:
-  """Median seconds per train step of each variant, interleaved in this process; cached in OUT/step_times.json.
-
-  Each variant's jitted step (forward, backward, optimizer, EMA) is compiled and run
-  once, then `args.timing_rounds` rounds time `args.timing_steps` steps of every variant
-  in a rotated order on prepared batches, so machine noise hits all alike.
-  """
-  path = os.path.join(args.out, "step_times.json")
-  cached = {}
+  path = os.path.join(args.out, f"{name}.json")
   if os.path.exists(path):
     with open(path) as f:
       cached = json.load(f)
-  todo = [v for v in variants if v not in cached.get("seconds_per_step", {})]
-  if not todo:
-    return cached["seconds_per_step"]
-  print(f"== timing train steps of {todo}, interleaved", flush=True)
+    if set(variants) <= set(cached["seconds_per_step"]):
+      return cached["seconds_per_step"]
+  print(f"== timing train steps of {list(variants)}, interleaved", flush=True)
   runners = {}
-  for v in todo:
-    config = load_config(v, args, 0)
+  for v in variants:
+    config = tiny_config(v, 0, None, args)
     tokenize = tokenizer_lib.tokenizer_from_config(config).encode
     batches = iter(data.create_dataset(config.input, batch_size=config.batch_size, tokenize=tokenize, seed=0))
     tx = optimizers.make_optimizer(config)
     graphdef, state, ema = state_lib.init_state(config, tx)
     runners[v] = dict(step=step_lib.make_train_step(config, graphdef, tx), state=state, ema=ema,
                       batches=[next(batches) for _ in range(4)])
-  samples = {v: [] for v in todo}
+  samples = {v: [] for v in variants}
 
   def run(v, n):
     r = runners[v]
@@ -148,217 +144,130 @@ def measure_step_times(args, variants) -> dict[str, float]:
     jax.block_until_ready(metrics["loss"])
     return (time.perf_counter() - start) / n
 
-  for v in todo:
+  for v in variants:
     run(v, 2)  # compile and warm up
+  order = list(variants)
   for k in range(args.timing_rounds):
-    for v in todo[k % len(todo):] + todo[:k % len(todo)]:
+    for v in order[k % len(order):] + order[:k % len(order)]:
       samples[v].append(run(v, args.timing_steps))
-  result = dict(cached.get("seconds_per_step", {}), **{v: statistics.median(samples[v]) for v in todo})
+  result = {v: statistics.median(samples[v]) for v in variants}
   os.makedirs(args.out, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump({"seconds_per_step": result, "samples": dict(cached.get("samples", {}), **samples),
-               "rounds": args.timing_rounds, "steps_per_round": args.timing_steps}, f, indent=2)
+  _write_json(path, {"seconds_per_step": result, "samples": samples, "rounds": args.timing_rounds,
+                     "steps_per_round": args.timing_steps})
   return result
 
 
-def curve(workdir: str, seconds_per_step: float):
-  """(steps, mse, seconds, loop seconds): wall clock = steps x the interleaved step time."""
-  steps, mse, loop_seconds = loop_curve(workdir)
-  return steps, mse, steps * seconds_per_step, loop_seconds
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(p) for p in os.listdir(d) if p.isdigit())
-
-
-def score_final(config, workdir: str) -> dict:
-  """GenEval-style score of the last checkpoint (the library's `evaluate`), cached in workdir/geneval."""
-  path = os.path.join(workdir, "geneval", "summary.json")
-  if not os.path.exists(path):
-    evaluate(config, workdir)
-  with open(path) as f:
-    return json.load(f)
-
-
-def score_at(config, workdir: str, step: int) -> dict:
-  """GenEval-style score of the checkpoint at `step` (EMA weights), cached in workdir/geneval_step_<step>."""
+def score(config, workdir: str, step: int) -> float:
+  """GenEval-style overall score of the checkpoint at `step` (EMA weights), cached in the workdir."""
   if step == config.num_train_steps:
-    return score_final(config, workdir)
+    path = os.path.join(workdir, "geneval", "summary.json")
+    if not os.path.exists(path):
+      evaluate_run(config, workdir)
+    with open(path) as f:
+      return json.load(f)["overall"]
   out = os.path.join(workdir, f"geneval_step_{step}")
   path = os.path.join(out, "summary.json")
   if not os.path.exists(path):
     g = config.geneval
     pipe = TextToImagePipeline.from_run(workdir, step=step, batch_size=g.batch_size)
-    suite = prompts_lib.suite_from_config(g)
-    os.makedirs(out, exist_ok=True)
-    generate_into(pipe, suite, os.path.join(out, "images"), n=g.images_per_prompt, seed=config.sample.seed,
-                  progress=False, sample=config.sample)
-    scores = scores_lib.summarize(harness.evaluate_images(os.path.join(out, "images"),
-                                                          os.path.join(out, "results.jsonl")))
-    with open(path, "w") as f:
-      json.dump(scores, f, indent=2)
+    generate_into(pipe, prompts_lib.suite_from_config(g), os.path.join(out, "images"), n=g.images_per_prompt,
+                  seed=config.sample.seed, progress=False, sample=config.sample)
+    _write_json(path, scores_lib.summarize(harness.evaluate_images(os.path.join(out, "images"),
+                                                                   os.path.join(out, "results.jsonl"))))
   with open(path) as f:
-    return json.load(f)
+    return json.load(f)["overall"]
 
 
-def train_all(args, runs):
-  """Trains every run not yet done, seed by seed (so an early stop still leaves whole seeds)."""
-  for variant, seed, workdir in runs:
+def run_cell(cell, args, seconds_per_step: dict[str, float]) -> None:
+  """Trains (resuming), scores and records one cell in OUT/cells/<name>.json.
+
+  The parts that depend on the step times (W, the step reached within W, its score) are
+  recomputed whenever OUT/step_times.json changed (delete it to re-measure); scores are cached
+  per checkpoint, so that costs only the new ones.
+  """
+  record_path = os.path.join(args.out, "cells", cell["name"] + ".json")
+  config, workdir = cell_config(cell, args), cell["workdir"]
+  record = None
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+  if record is None:
     done = os.path.join(workdir, "train_done.json")
-    if os.path.exists(done):
-      continue
-    print(f"== train {variant} seed {seed} -> {workdir}", flush=True)
-    start = time.time()
-    result = train(load_config(variant, args, seed), workdir)
-    if result.get("preempted"):
-      raise SystemExit("preempted (SIGTERM): rerun the same command to resume")
-    with open(done, "w") as f:
-      json.dump({"seconds_this_session": time.time() - start, "last_metrics": result}, f)
+    if not os.path.exists(done):
+      print(f"== train {cell['name']} ({config.num_train_steps} steps) -> {workdir}", flush=True)
+      start = time.time()
+      result = train(config, workdir)
+      if result.get("preempted"):
+        raise SystemExit("preempted (SIGTERM): rerun the same command to resume")
+      _write_json(done, {"seconds_this_session": time.time() - start, "last_metrics": result})
+    record = dict(study=cell["study"], variant=cell["variant"], seed=cell["seed"], steps=config.num_train_steps,
+                  heldout=report.heldout_curve(workdir))
+    if cell["study"] == "routers":
+      print(f"== score {cell['name']}", flush=True)
+      record["score_equal_steps"] = score(config, workdir, config.num_train_steps)
+  sps = seconds_per_step[cell["variant"]]
+  budget = config.num_train_steps * min(seconds_per_step[v] for v in args.variants)
+  if record.get("seconds_per_step") != sps or (cell["study"] == "routers"
+                                              and record.get("wall_clock_budget_seconds") != budget):
+    record["seconds_per_step"] = sps
+    if cell["study"] == "routers":
+      reached = [s for s in report.checkpoint_steps(workdir) if s * sps <= budget + 1e-9]
+      record["wall_clock_budget_seconds"] = budget
+      record["step_at_budget"] = max(reached) if reached else None
+      record["score_equal_wall_clock"] = score(config, workdir, max(reached)) if reached else None
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    _write_json(record_path, record)
 
 
-def _mean_sd(values):
-  values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _fmt(mean, sd):
-  return "-" if mean is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
-
-
-def summarise(args, runs):
-  """Scores at equal steps and equal wall clock; writes the PNG, the table and the JSON lines."""
-  step_times = measure_step_times(args, sorted({v for v, _, _ in runs}))
-  by_variant: dict[str, list] = {}
-  for variant, seed, workdir in runs:
-    config = load_config(variant, args, seed)
-    steps, mse, seconds, loop_seconds = curve(workdir, step_times[variant])
-    by_variant.setdefault(variant, []).append(dict(seed=seed, workdir=workdir, config=config, steps=steps,
-                                                   mse=mse, seconds=seconds, loop_seconds=loop_seconds))
-  # Equal wall clock: the mean training time of the fastest variant (every variant has run that long).
-  budget = min(statistics.fmean(r["seconds"][-1] for r in rs) for rs in by_variant.values())
-  for variant, rs in by_variant.items():
-    for r in rs:
-      r["final"] = score_final(r["config"], r["workdir"])
-      reached = [s for s in checkpoint_steps(r["workdir"])
-                 if np.interp(s, r["steps"], r["seconds"]) <= budget + 1e-6]
-      r["step_at_budget"] = max(reached) if reached else None
-      r["at_budget"] = score_at(r["config"], r["workdir"], r["step_at_budget"]) if reached else None
-  rows = []
-  for variant, rs in by_variant.items():
-    sps = 1.0 / step_times[variant]
-    final = _mean_sd([r["final"]["overall"] for r in rs])
-    at_w = _mean_sd([r["at_budget"]["overall"] if r["at_budget"] else None for r in rs])
-    tasks_final = {t: statistics.fmean(r["final"].get(t, 0.0) for r in rs) for t in TASK_ORDER}
-    row = dict(variant=variant, seeds=[r["seed"] for r in rs], steps=args.steps, steps_per_sec=sps,
-               train_seconds=statistics.fmean(r["seconds"][-1] for r in rs),
-               loop_seconds=statistics.fmean(r["loop_seconds"][-1] for r in rs),
-               final_mse=statistics.fmean(float(np.mean(r["mse"][-5:])) for r in rs),
-               score_equal_steps=final[0], score_equal_steps_sd=final[1], tasks_equal_steps=tasks_final,
-               wall_clock_budget_seconds=budget, steps_at_budget=[r["step_at_budget"] for r in rs],
-               score_equal_wall_clock=at_w[0], score_equal_wall_clock_sd=at_w[1],
-               per_seed_equal_steps=[r["final"]["overall"] for r in rs],
-               per_seed_equal_wall_clock=[r["at_budget"]["overall"] if r["at_budget"] else None for r in rs])
-    rows.append(row)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "compare_routers.jsonl"), "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  plot(by_variant, budget, os.path.join(args.out, "compare_routers.png"))
-  table = format_table(rows, args, budget)
-  with open(os.path.join(args.out, "compare_routers.md"), "w") as f:
-    f.write(table + "\n")
-  print(table, flush=True)
-  for row in rows:
-    print(json.dumps({"compare_routers": row["variant"], "equal_steps": row["score_equal_steps"],
-                      "equal_wall_clock": row["score_equal_wall_clock"]}), flush=True)
-  return rows
-
-
-def format_table(rows, args, budget) -> str:
-  lines = [f"Tiny ShapesWorld, {args.steps} steps, seeds {args.seeds}; GenEval-style score (% of tasks, "
-           f"mean ± sd over seeds; per_task {args.per_task}, images per prompt {args.images_per_prompt}). "
-           f"Equal wall clock W = {budget:.0f} s of training at the interleaved step times (steps/s; "
-           f"loop time: the runs' own time on a shared machine, for reference).", "",
-           "| variant | steps/s | train time (s) | loop time (s) | final MSE | score @ equal steps | "
-           "steps within W | score @ equal wall clock |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    steps_w = "/".join("-" if s is None else str(s) for s in r["steps_at_budget"])
-    lines.append(f"| {r['variant']} | {r['steps_per_sec']:.2f} | {r['train_seconds']:.0f} | {r['loop_seconds']:.0f} | "
-                 f"{r['final_mse']:.4f} | "
-                 f"{_fmt(r['score_equal_steps'], r['score_equal_steps_sd'])} | {steps_w} | "
-                 f"{_fmt(r['score_equal_wall_clock'], r['score_equal_wall_clock_sd'])} |")
-  lines.append("\n\"-\": no checkpoint of that run within W (its first checkpoint came later).")
-  by = {r["variant"]: r for r in rows}
-  if "ec" in by and len(by) > 1:
-    for key, name in (("score_equal_steps", "equal steps"), ("score_equal_wall_clock", "equal wall clock")):
-      others = {v: r[key] for v, r in by.items() if v != "ec" and r[key] is not None}
-      if by["ec"][key] is None or not others:
-        continue
-      beaten = [v for v, s in others.items() if s >= by["ec"][key]]
-      verdict = ("expert choice scores highest" if not beaten else
-                 f"expert choice does not score highest ({', '.join(beaten)} score as high or higher)")
-      lines.append(f"\nAt {name}: {verdict}.")
-  return "\n".join(lines)
-
-
-def _smooth(y, k=5):
-  if len(y) < k:
-    return y
-  kernel = np.ones(k) / k
-  padded = np.concatenate([np.full(k // 2, y[0]), y, np.full(k - 1 - k // 2, y[-1])])
-  return np.convolve(padded, kernel, mode="valid")
-
-
-def plot(by_variant, budget, path):
-  fig = Figure(figsize=(11, 4), layout="constrained")
-  FigureCanvasAgg(fig)
-  ax_steps, ax_time = fig.subplots(1, 2, sharey=True)
-  for i, (variant, rs) in enumerate(by_variant.items()):
-    n = min(len(r["steps"]) for r in rs)
-    steps = rs[0]["steps"][:n]
-    mse = np.stack([_smooth(r["mse"][:n]) for r in rs])
-    seconds = np.mean(np.stack([r["seconds"][:n] for r in rs]), axis=0)
-    for ax, x in ((ax_steps, steps), (ax_time, seconds)):
-      ax.plot(x, mse.mean(0), color=f"C{i}", label=f"{variant} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-      ax.fill_between(x, mse.min(0), mse.max(0), color=f"C{i}", alpha=0.2)
-  ax_time.axvline(budget, color="k", linestyle=":", linewidth=1, label="equal wall clock W")
-  ax_steps.set_xlabel("training step")
-  ax_time.set_xlabel("training wall clock (s): steps x interleaved step time")
-  ax_steps.set_ylabel("velocity MSE (smoothed)")
-  for ax in (ax_steps, ax_time):
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("Router comparison, tiny ShapesWorld (mean over seeds, band = min..max)", fontsize=10)
-  fig.savefig(path, dpi=110)
-
-
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="runs/compare_routers")
-  parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps of every run")
+  parser.add_argument("--out", default="/work/runs32", help="results (outside the git tree)")
+  parser.add_argument("--docs", default=str(REPO / "docs"), help="where the report goes after each cell")
+  parser.add_argument("--steps", type=int, default=None, help="steps of the full budget (default: the tiny default's)")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--checkpoints", type=int, default=20,
-                      help="checkpoints per run, all kept (the granularity of the equal-wall-clock score)")
+  parser.add_argument("--variants", default="ec,dense,tc,ec_batch,tc_cap2")
+  parser.add_argument("--with_dit_moe", action="store_true", help="add DiT-MoE's recipe, after everything else")
+  parser.add_argument("--capacity", default=",".join(CAPACITY_VARIANTS), help="capacity-study variants ('' = none)")
+  parser.add_argument("--heldout_every", type=int, default=250, help="held-out loss every this many steps")
+  parser.add_argument("--checkpoints", type=int, default=20, help="checkpoints per run, all kept")
   parser.add_argument("--per_task", type=int, default=25, help="GenEval-style prompts per task (25: 77 prompts)")
   parser.add_argument("--images_per_prompt", type=int, default=4)
   parser.add_argument("--timing_rounds", type=int, default=5, help="interleaved rounds timing the train steps")
   parser.add_argument("--timing_steps", type=int, default=20, help="train steps per variant per timing round")
-  args = parser.parse_args()
-  seeds = [int(s) for s in args.seeds.split(",")]
-  variants = [v for v in args.variants.split(",") if v]
-  unknown = set(variants) - set(VARIANTS)
+  parser.add_argument("--max_cells", type=int, default=0, help="only the first N cells of the order (0 = all)")
+  parser.add_argument("--report_only", action="store_true", help="only rewrite the report from finished cells")
+  args = parser.parse_args(argv)
+  args.seeds = [int(s) for s in args.seeds.split(",") if s]
+  args.variants = [v for v in args.variants.split(",") if v] + (["dit_moe"] if args.with_dit_moe else [])
+  args.capacity = [v for v in args.capacity.split(",") if v]
+  unknown = (set(args.variants) - set(ROUTER_VARIANTS)) | (set(args.capacity) - set(CAPACITY_VARIANTS))
   if unknown:
-    parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-  runs = [(v, s, os.path.join(args.out, "runs", f"{v}_s{s}")) for s in seeds for v in variants]
-  start = time.time()
-  train_all(args, runs)
-  summarise(args, runs)
-  print(f"compare_routers: {time.time() - start:.0f} s this session; outputs in {args.out}", flush=True)
+    parser.error(f"unknown variants {sorted(unknown)}; choose from {ROUTER_VARIANTS} and {tuple(CAPACITY_VARIANTS)}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  if not args.report_only:
+    times = measure_step_times(args, args.variants, "step_times")
+    if args.capacity:
+      times.update(measure_step_times(args, args.capacity, "step_times_capacity"))
+    for k, cell in enumerate(cells(args)):
+      if args.max_cells and k >= args.max_cells:
+        break
+      start = time.time()
+      run_cell(cell, args, times)
+      report.write(args.out, args.docs)
+      print(f"== cell {cell['name']} done ({time.time() - start:.0f} s this session)", flush=True)
+  report.write(args.out, args.docs)
 
 
 if __name__ == "__main__":

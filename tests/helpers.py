@@ -53,6 +53,7 @@ def train_config(variant: str | None = None, **overrides):
   config.geneval.per_task = 1
   config.geneval.images_per_prompt = 1
   config.geneval.batch_size = 8
+  config.heldout.num_examples = 8  # logged as by default, on a set small enough for seconds-long tests
   set_fields(config, overrides)
   return config
 

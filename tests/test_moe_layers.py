@@ -120,6 +120,24 @@ def test_fixed_size_groups_span_images():
     layer(x[:1, :8], r[:1, :8])
 
 
+def test_whole_batch_group_routes_all_tokens_together():
+  """routing_group_size=-1: one group of all B*S tokens, whatever B (the naive loop over one flat image)."""
+  layer = _ec("gather", group_size=-1)
+  x, r = _inputs(b=3, s=8, seed=7)
+  y, diag = layer(x, r)
+  c = moe.capacity(24, 2.0, E)
+  np.testing.assert_allclose(np.sum(diag["experts_per_token"]), E * c)
+  want = naive_expert_choice(layer, x.reshape(1, 24, D), r.reshape(1, 24, D), c).reshape(3, 8, D)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+  # compute moves between images: an image whose tokens the router prefers takes more than its share
+  r2 = r.at[0].multiply(4.0)
+  _, diag2 = layer(x, r2)
+  per_image = np.asarray(diag2["experts_per_token"]).sum(1)
+  assert per_image.sum() == E * c and per_image.max() != per_image.min()
+  y_two, _ = layer(x[:2], r[:2])  # another batch size is another single group, no error
+  assert y_two.shape == (2, 8, D)
+
+
 def test_train_and_eval_capacity_factors():
   layer = _ec(train_capacity_factor=2.0, eval_capacity_factor=1.0)
   assert layer.capacity(64) == 32

@@ -28,7 +28,7 @@ OVERRIDES = {
     "text.depth": 1, "text.num_heads": 2, "text.vocab_size": 512,
     "input.image_size": 16, "input.read_threads": 0,
     "batch_size": 8, "warmup_steps": 2, "learning_rate": 1e-3, "log_every_steps": 1,
-    "checkpoint_every_steps": 2, "eval_every_steps": 0,
+    "checkpoint_every_steps": 2, "eval_every_steps": 0, "heldout.num_examples": 8,
     **{f"mesh.{k}": v for k, v in MESH.items()},
 }
 

@@ -46,7 +46,8 @@ from ec_dit.data.preprocess import Tokenize
 
 def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   num_epochs: int | None = None, context_len: int | None = None) -> grain.IterDataset:
+                   num_epochs: int | None = None, context_len: int | None = None,
+                   holdout: int = 0) -> grain.IterDataset:
   """This process's stream of training batches.
 
   Args:
@@ -69,6 +70,10 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
       dropped, so every process yields the same number of batches).
     context_len: ``latents:`` sources: text features are padded to this many
       tokens (default: the prepared context length).
+    holdout: ``config.heldout.num_examples``: a source other than ShapesWorld
+      leaves out its last ``sources.held_out_count`` records (the held-out set,
+      :func:`held_out_examples`); ShapesWorld's held-out examples lie past
+      ``num_examples`` and never enter the stream anyway.
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, 3] in [-1, 1],
@@ -100,6 +105,9 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
     raise ValueError(f"config.input.source: {c.source!r} has no examples")
   skip_source = source if c.skip_bad_examples else None
   ds = grain.MapDataset.source(preprocess.Indexed(source) if skip_source is not None else source)
+  held = sources.held_out_count(c, len(source), holdout) if holdout else 0
+  if held:
+    ds = ds[:len(source) - held]
   if c.shuffle:
     ds = ds.shuffle(seed=seed)  # index >= len reshuffles with seed + epoch
   ds = ds.repeat(num_epochs)
@@ -125,6 +133,27 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
       flags.FLAGS.mark_as_parsed()
     out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count))
   return out
+
+
+def held_out_examples(input_config, num_examples: int, *, tokenize: Tokenize | None,
+                      context_len: int | None = None) -> dict[str, np.ndarray]:
+  """The held-out examples (``sources.held_out_source``), decoded as training decodes them, stacked:
+  ``{"image", "tokens", "mask"}`` (pixels) or ``{"latent_mean", "latent_std", "features", "mask", "label"}``
+  (prepared latents), each [n, ...] in source order. The same config always gives the same arrays."""
+  c = schema.with_input_defaults(input_config)
+  source, indices = sources.held_out_source(c, num_examples)
+  kind, folder = schema.parse_source(c.source)
+  if kind == "latents":
+    manifest = latents.read_manifest(folder)
+    decode = latents.DecodeLatents(context_len or manifest["context_len"], manifest["scaling_factor"],
+                                   manifest["shift_factor"])
+  else:
+    decode = preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key)
+  rows = [decode.map(source[i]) for i in indices]
+  if not rows:
+    raise ValueError(f"config.input.source: {c.source!r} has too few records to hold any out "
+                     f"(config.heldout.num_examples={num_examples}; at most a tenth of a source is held out)")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 # ----------------------------------------------------------------------------

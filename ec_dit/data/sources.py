@@ -237,3 +237,33 @@ def make_source(input_config):
     check_source(c)
     return latents.latents_source(detail)
   return ImageCaptionFiles(_read_jsonl(detail, detail.parent, (c.image_key,), (c.caption_key,)))
+
+
+# ----------------------------------------------------------------------------
+# The held-out examples (ec_dit.training.heldout): never in the training stream
+
+
+def held_out_count(input_config, length: int, num_examples: int) -> int:
+  """How many of a source's `length` records are held out of training for a held-out set of `num_examples`.
+
+  ShapesWorld: none (its held-out examples are the indices past `config.input.num_examples`,
+  which training never draws). Other sources: their last min(num_examples, length // 10)
+  records, so a small folder still trains on 90% of itself.
+  """
+  kind, _ = schema.parse_source(schema.with_input_defaults(input_config).source)
+  return 0 if kind == "shapes_world" else min(int(num_examples), int(length) // 10)
+
+
+def held_out_source(input_config, num_examples: int):
+  """(source, indices) of the held-out examples: ShapesWorld indices [num_examples, num_examples + n) of the
+  training seed; for other sources the last `held_out_count` records (which `create_dataset` leaves out)."""
+  c = schema.with_input_defaults(input_config)
+  kind, _ = schema.parse_source(c.source)
+  if kind == "shapes_world":
+    source = ShapesWorldSource(c.image_size, c.num_examples + int(num_examples), c.data_seed,
+                               tasks=c.shapes_world_tasks)
+    return source, range(c.num_examples, c.num_examples + int(num_examples))
+  source = make_source(c)
+  k = held_out_count(c, len(source), num_examples)
+  return source, range(len(source) - k, len(source))
+

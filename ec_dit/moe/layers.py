@@ -137,13 +137,16 @@ class Experts(nnx.Module):
 
 
 def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
-  """[B, S, D] -> [G, group, D]. group_size 0 means one group per image.
+  """[B, S, D] -> [G, group, D]. group_size 0 means one group per image, -1 one group of the
+  whole batch's B * S tokens (EC-DiT's setting: compute can move between images).
 
   Groups are whole images or fixed runs of tokens, never "the tokens on this
   device": routing does not depend on how the batch is split over devices. The
   groups are split over the batch mesh axes (`sharding.constrain`).
   """
   b, s, d = x.shape
+  if group_size == -1:
+    return x.reshape(1, b * s, d)
   if group_size == 0 or group_size == s:
     return sharding.constrain(x, ("batch", None, None))
   if (b * s) % group_size:

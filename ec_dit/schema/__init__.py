@@ -16,6 +16,7 @@ from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, CONDITIONINGS, D
 from ec_dit.schema.pixart import PIXART_RESOLUTIONS, pixart_alpha_config
 from ec_dit.schema.class_cond import (ARCHS, CLASS_OBJECTIVES, CLASS_SAMPLERS, class_cond_model_defaults,
                                      class_diffusion_defaults, validate_class_cond)
+from ec_dit.schema.heldout import heldout_defaults, validate_heldout
 from ec_dit.schema.resume import (RESUME_SAFE_FIELDS, RESUME_STATE_FIELDS, config_differences, flatten,
                                   is_safe_field, is_state_field, split_differences)
 from ec_dit.schema.validation import (as_axes, check_paths, fail, is_int, missing_paths, parse_source, validate,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from ec_dit.schema.class_cond import class_cond_model_defaults, class_diffusion_defaults
+from ec_dit.schema.heldout import heldout_defaults
 
 # -- Allowed values ------------------------------------------------------------
 FFN_KINDS = ("dense", "expert_choice", "token_choice")
@@ -65,7 +66,9 @@ MIN_IMAGE_SIZE = 8
 
 VARIANTS = {
     "ec": "expert choice (EC-DiT), the default",
+    "ec_batch": "expert choice with one routing group over the whole batch (EC-DiT's setting)",
     "tc": "token choice top-2, no shared experts: activated compute matched to ec",
+    "tc_cap2": "token choice top-2 with capacity factor 2 (overflowing choices dropped), no shared experts",
     "dit_moe": "DiT-MoE's recipe: token choice top-2 plus 2 shared experts, balance loss 0.01",
     "dense": "dense FFN of width capacity_factor x mlp_ratio x hidden at the MoE positions: matched to ec",
 }
@@ -103,7 +106,7 @@ def model_defaults() -> ml_collections.ConfigDict:
           dense_first_n=0,      # Nucleus-Image keeps the first layers dense
           decoupled_routing=False,
           dispatch="einsum",
-          routing_group_size=0,  # tokens per routing group; 0 = one group per image
+          routing_group_size=0,  # tokens per routing group; 0 = one group per image, -1 = the whole batch
           router_z_loss_coef=0.0,
           # expert choice
           train_capacity_factor=2.0,
@@ -258,6 +261,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.geneval = ml_collections.ConfigDict(dict(
       domain="shapes", per_task=100, images_per_prompt=4, prompt_seed=0, batch_size=64,
   ))
+  config.heldout = heldout_defaults()  # the held-out loss (ec_dit.training.heldout)
   return config
 
 
@@ -266,8 +270,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None) -> ml_
   f = config.model.ffn
   if variant in (None, "", "ec"):
     f.kind = "expert_choice"
+  elif variant == "ec_batch":
+    f.kind, f.routing_group_size = "expert_choice", -1
   elif variant == "tc":
     f.kind, f.top_k, f.num_shared_experts = "token_choice", 2, 0
+  elif variant == "tc_cap2":
+    f.kind, f.top_k, f.num_shared_experts, f.token_capacity_factor = "token_choice", 2, 0, 2.0
   elif variant == "dit_moe":
     f.kind, f.top_k, f.num_shared_experts, f.balance_loss_coef = "token_choice", 2, 2, 0.01
   elif variant == "dense":

@@ -28,6 +28,7 @@ RESUME_STATE_FIELDS = (
     "class_diffusion.beta_end",
     "input.image_size", "input.source", "input.num_examples", "input.data_seed", "input.shuffle",
     "input.shapes_world_tasks", "input.image_key", "input.caption_key",
+    "heldout.num_examples",  # for file and latent sources: which records training leaves out
 )
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "learning_rate", "warmup_steps", "weight_decay", "adam_b1", "adam_b2", "grad_clip_norm",
@@ -38,6 +39,8 @@ RESUME_SAFE_FIELDS = (
     "input.worker_count", "input.read_threads", "input.prefetch_buffer_size", "input.tfds_data_dir",
     "input.skip_bad_examples",
     "model.ffn.dropless_impl",  # how the same grouped matmuls are computed: no change to the state
+    # the held-out loss's cadence and grid: what is measured, not what is trained
+    "heldout.every_steps", "heldout.batch_size", "heldout.t_values", "heldout.seed",
 )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.class_cond import validate_class_cond
+from ec_dit.schema.heldout import validate_heldout
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
@@ -98,10 +99,9 @@ def validate_model(m, prefix: str = "model") -> None:
   for name in ("router_z_loss_coef", "balance_loss_coef"):
     if f[name] < 0:
       fail(f"{p}.{name}", ">= 0", f[name])
-  tokens = (m.input_size // m.patch_size) ** 2
-  g = f.routing_group_size
-  if not isinstance(g, int) or g < 0 or (g and tokens % g and g % tokens):
-    fail(f"{p}.routing_group_size", f"0 (per image) or a divisor or multiple of tokens per image ({tokens})", g)
+  g, tokens = f.routing_group_size, (m.input_size // m.patch_size) ** 2
+  if not isinstance(g, int) or g < -1 or (g > 0 and tokens % g and g % tokens):
+    fail(f"{p}.routing_group_size", f"0 (per image), -1 (whole batch), a divisor or multiple of {tokens}", g)
 
 
 def validate(config) -> None:
@@ -110,6 +110,7 @@ def validate(config) -> None:
   validate_model(config.model)
   validate_class_cond(config)
   validate_training(config)
+  validate_heldout(config)
   validate_input(config.input)
   validate_mesh(config.mesh)
 

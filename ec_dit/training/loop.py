@@ -25,8 +25,9 @@ from ec_dit.data import latents, pipeline as data_pipeline, sources
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
 from ec_dit.model import abstract_params, is_class_cond
-from ec_dit.training import (arch, metrics as metrics_lib, optimizers, preemption as preemption_lib,
-                             report as report_lib, step as step_lib, workdir as workdir_lib)
+from ec_dit.training import (arch, heldout as heldout_lib, metrics as metrics_lib, optimizers,
+                             preemption as preemption_lib, report as report_lib, step as step_lib,
+                             workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
@@ -161,9 +162,11 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   workdir_lib.check_config(workdir, config, report)
 
   # -- Input ---------------------------------------------------------------
+  tokenize = _tokenize(config)
   dataset = data_pipeline.create_dataset(
-      config.input, batch_size=config.batch_size, tokenize=_tokenize(config), seed=config.input.data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), context_len=config.model.context_len)
+      config.input, batch_size=config.batch_size, tokenize=tokenize, seed=config.input.data_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), context_len=config.model.context_len,
+      holdout=config.heldout.num_examples)
   data_iter = iter(dataset)
 
   # -- Mesh, model and optimizer (sharded, abstract first) ----------------
@@ -192,6 +195,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
     workdir_lib.write_config(workdir, config)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   train_step = steps.make_train_step(config, graphdef, tx)
+  heldout = heldout_lib.held_out_or_none(config, graphdef, mesh, tokenize)  # ec_dit.training.heldout
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
@@ -235,6 +239,12 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
     progress.update(1)
     estimate.step(step)
     steps_since += 1
+    held = {}
+    if heldout is not None and heldout.due(step):  # its time is kept out of steps_per_sec
+      t_held = time.time()
+      held = heldout.metrics(state["params"], ema)
+      held["heldout/seconds"] = time.time() - t_held
+      t_last += held["heldout/seconds"]
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       now = time.time()
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -242,8 +252,10 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       if skip_bad:
         scalars["input/bad_examples"] = bad_total
       t_last, steps_since = now, 0
-      writer.write_scalars(step, scalars)
+      writer.write_scalars(step, {**scalars, **held})
       progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+    elif held:
+      writer.write_scalars(step, held)
     if stop:
       who = preemption.signal_name or "a stop request on another process"
       report(f"{who} at step {step}: saving a checkpoint and exiting")
