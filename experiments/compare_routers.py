@@ -43,7 +43,6 @@ from its checkpoints, finished cells and scores are cached.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
