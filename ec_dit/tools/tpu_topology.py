@@ -16,17 +16,22 @@ import os
 import pathlib
 import re
 
+import jax
 from jax.experimental import topologies
 
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _GOOGLE_PCI_VENDOR = "0x1ae0"
+# PCI device ids of TPU chips v3 .. 7x (as in jax._src.hardware_utils; Google's NICs share the vendor id)
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
 def _tpu_visible() -> bool:
   """True when a Google TPU chip is on this machine's PCI bus (how JAX itself detects one)."""
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    if pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+    device = pathlib.Path(vendor).with_name("device")
+    if (pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR
+        and device.exists() and device.read_text().strip() in _TPU_PCI_DEVICES):
       return True
   return False
 
@@ -38,7 +43,8 @@ def cpu_unless_accelerator() -> None:
   complaints on every CPU run. Must run before JAX initialises its backends.
   """
   if "JAX_PLATFORMS" not in os.environ and not _tpu_visible() and not os.path.exists("/dev/nvidia0"):
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for subprocesses
+    jax.config.update("jax_platforms", "cpu")  # JAX read the variable when it was imported
 
 
 def quiet_libtpu() -> None:
