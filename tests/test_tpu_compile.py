@@ -26,6 +26,7 @@ def _config(mesh=(-1, 1, 1, 1), **ffn):
   config = micro_config(**ffn)
   config.model.depth = 2
   config.batch_size = 8
+  config.optimizer = "adamw"  # state = params, EMA and two moments
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = mesh
   return config
 
@@ -53,12 +54,14 @@ def test_bad_topology_names_the_flag_and_the_form(name):
 
 
 def test_micro_train_step_report(devices):
-  report, text = _compile(_config(), devices)
+  config = _config()
+  config.batch_size = 16  # not the gather test's program: JAX's cache cannot reload a topology's executable
+  report, text = _compile(config, devices)
   assert report["backend"] == "TPU v5" and report["chip"] == "v5p" and report["devices"] == 4
   assert report["fits"] and report["margin_gib"] == pytest.approx(95 - report["total_gib"])
   # data parallel: every device holds params, EMA and two Adam moments in float32, plus a batch shard
   state = 4 * report["num_params"] * 4 / tpu_chips.GiB
-  assert state <= report["argument_gib"] < 1.1 * state
+  assert state <= report["argument_gib"] < 1.5 * state  # TPU tiles (8 x 128) pad the smallest arrays
   assert report["collectives"]["all-reduce"]["count"] >= 1  # the gradient reduction
   assert report["collectives"]["all-to-all"]["count"] == 0
   # the compiler's FLOPs cover the model's (a quarter of the batch per device), plus elementwise work
@@ -165,3 +168,26 @@ def test_plan_prunes_by_state_and_extrapolates_linearly():
   out = tpu_plan.extrapolate(small, large, 2, 4, 28)
   assert out["total_gib"] == pytest.approx(14.0) and out["collectives"]["all-to-all"]["count"] == pytest.approx(28)
   assert chip.hbm_bytes == 16 * tpu_chips.GiB
+
+
+def test_plan_table_and_command_from_reports():
+  chip = tpu_chips.CHIPS["v5p"]
+  config = _config()
+  colls = {k: {"count": 1, "gib": 0.5, "ici_gib": 0.25} for k in hlo_collectives.KINDS}
+  base = {"devices": 4, "backend": "TPU v5", "argument_gib": 1.0, "temp_gib": 1.0, "total_gib": 2.0,
+          "flops_per_device": 1e12, "bytes_accessed_per_device": 1e9, "collectives": colls}
+  fast = tpu_plan.Layout(1, 1, 4, 1, "full", "bfloat16", 2)
+  slow = tpu_plan.Layout(4, 1, 1, 1, "dots", "float32", 2)
+  big = tpu_plan.Layout(1, 4, 1, 1, "full", "float32", 2)
+  ranked = [(fast, tpu_plan.with_roofline(base, config, chip)),
+            (slow, tpu_plan.with_roofline(dict(base, flops_per_device=2e12), config, chip)),
+            (big, tpu_plan.with_roofline(dict(base, total_gib=200.0), config, chip))]
+  assert ranked[0][1]["fits"] and not ranked[2][1]["fits"]
+  assert ranked[0][1]["step_s_overlap"] == pytest.approx(1e12 / chip.peak_flops)
+  text = tpu_plan.format_plan(ranked, "tests/micro_config.py", TOPOLOGY, 1)
+  lines = text.splitlines()
+  assert "(1 more tried that do not fit)" in text
+  command = [x for x in lines if x.strip().startswith("python -m ec_dit.main")][0]
+  assert fast.flags(4) in command and "--topology=v5p:2x2x1" in command
+  assert "--config.batch_size=8 --param_dtype=bfloat16" in command
+  assert lines[-1].startswith('{"topology": "v5p:2x2x1"')
