@@ -163,8 +163,10 @@ def plan(config, topology: str, *, num_slices: int = 1) -> list[tuple[Layout, di
       options = [dataclasses.replace(best, **{knob: v}) for v in values]
     for layout in options:
       if layout not in results:
-        results[layout] = evaluate(config, layout, devices, chip, topology, num_slices)
+        results[layout] = r = evaluate(config, layout, devices, chip, topology, num_slices)
         bar.update()
+        bar.write(f"  {layout.flags(n)}: {r['total_gib']:.1f} GiB/device (fits: {r['fits']}), "
+                  f"{r['images_per_s_per_chip_overlap']:.1f} images/s/chip, MFU {100 * r['mfu_overlap']:.1f}%")
     fitting = [lay for lay in results if results[lay]["fits"]]
     if fitting:
       best = min(fitting, key=lambda lay: _seconds_per_image(results[lay]))
