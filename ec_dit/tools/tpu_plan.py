@@ -7,7 +7,9 @@ that divides the number of experts, and `data` the rest), the remat policy, the 
 dtype and the batch per chip. Layouts whose parameters and optimizer state cannot fit the
 chip's HBM are dropped before anything compiles (`state_bytes`). The rest are searched one
 knob at a time from a base layout (coordinate descent: each knob's values are tried with the
-others at the best so far, and the fastest layout that fits is kept).
+others at the best so far, and the fastest layout that fits is kept): the mesh layouts without
+tensor parallelism (tensor 2 only when none of them fits), then remat "dots", then bfloat16
+parameters, then twice the batch per chip.
 
 Each layout is compiled at reduced depth (`DEPTHS` blocks, an MoE block and a dense one per
 pair) and every figure (memory, FLOPs, bytes, collectives) is extrapolated linearly in depth
@@ -150,17 +152,10 @@ def plan(config, topology: str, *, num_slices: int = 1) -> list[tuple[Layout, di
                      f"{STATE_SHARE:.0%} of {chip.name}'s {chip.hbm_bytes / tpu_chips.GiB:.0f} GiB; use more chips")
   results: dict[Layout, dict] = {}
   best = None
-  knobs = [("layout", candidates), ("remat", REMATS), ("param_dtype", PARAM_DTYPES), ("batch_per_chip", None)]
   bar = tqdm(desc="plan: layouts compiled", unit="layout")
-  for knob, values in knobs:
-    if knob == "layout":
-      options = values
-    else:
-      if best is None:
-        break
-      if knob == "batch_per_chip":
-        values = (best.batch_per_chip * 2, best.batch_per_chip * 4)
-      options = [dataclasses.replace(best, **{knob: v}) for v in values]
+
+  def run(options):
+    nonlocal best
     for layout in options:
       if layout not in results:
         results[layout] = r = evaluate(config, layout, devices, chip, topology, num_slices)
@@ -170,6 +165,15 @@ def plan(config, topology: str, *, num_slices: int = 1) -> list[tuple[Layout, di
     fitting = [lay for lay in results if results[lay]["fits"]]
     if fitting:
       best = min(fitting, key=lambda lay: _seconds_per_image(results[lay]))
+
+  run([lay for lay in candidates if lay.tensor == 1])
+  if best is None:  # tensor parallelism only when no layout without it fits
+    run([lay for lay in candidates if lay.tensor > 1])
+  for knob, values in (("remat", REMATS), ("param_dtype", PARAM_DTYPES), ("batch_per_chip", None)):
+    if best is None:
+      break
+    values = (2 * best.batch_per_chip,) if knob == "batch_per_chip" else values
+    run([dataclasses.replace(best, **{knob: v}) for v in values])
   bar.close()
   return sorted(results.items(), key=lambda kv: (not kv[1]["fits"], _seconds_per_image(kv[1])))
 
