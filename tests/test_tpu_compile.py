@@ -4,6 +4,10 @@ libtpu is pinned in requirements.txt; when it is missing these tests fail (they 
 Each compile takes seconds to tens of seconds on a 2-core CPU (small widths, two blocks).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -12,7 +16,7 @@ from flax import nnx
 from ec_dit import diffusion, sharding
 from ec_dit.model import abstract_model
 from ec_dit.tools import compile_report, hlo_collectives, roofline, tpu_chips, tpu_plan, tpu_report, tpu_topology
-from helpers import micro_config
+from helpers import REPO, micro_config
 
 TOPOLOGY = "v5p:2x2x1"
 
@@ -191,3 +195,15 @@ def test_plan_table_and_command_from_reports():
   assert fast.flags(4) in command and "--topology=v5p:2x2x1" in command
   assert "--config.batch_size=8 --param_dtype=bfloat16" in command
   assert lines[-1].startswith('{"topology": "v5p:2x2x1"')
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=plan"], "error: --mode=plan needs --topology=NAME"),
+    (["--mode=compile", "--topology=v5p-64"], "error: --topology='v5p-64': expected GENERATION:AxB[xC]"),
+])
+def test_cli_topology_errors_are_one_line(args, message):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the CLI picks the CPU itself
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=tests/micro_config.py", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+  assert out.stderr.startswith(message) and "libtpu" not in out.stderr and "TPU_" not in out.stderr
