@@ -10,7 +10,7 @@
       --config=configs/ec_dit_xl.py --mode=compile --config.mesh.expert=8  # per-device memory, no weights
   python -m ec_dit.main --config=configs/ec_dit_xl.py --mode=compile --topology=v5p:4x4x4 \\
       --config.mesh.fsdp=2 --config.mesh.expert=32  # the TPU compiler's memory, collectives, roofline
-  python -m ec_dit.main --config=configs/ec_dit_m.py --mode=plan --topology=v5p:8x8x4  # search layouts
+  python -m ec_dit.main --config=configs/ec_dit_m.py --mode=plan --topology=v5p:4x8x8  # search layouts
 
 Multi-host: run the same command on every host. On TPU VM pod slices (and SLURM / Open MPI
 clusters) jax.distributed is initialised automatically; elsewhere (e.g. several CPU or GPU

@@ -1,6 +1,6 @@
 """`--mode=plan --topology=NAME`: search mesh layouts for a config on a TPU slice, with the TPU compiler.
 
-  python -m ec_dit.main --config=configs/ec_dit_m.py --mode=plan --topology=v5p:8x8x4
+  python -m ec_dit.main --config=configs/ec_dit_m.py --mode=plan --topology=v5p:4x8x8
 
 Knobs: the mesh (`fsdp` x `tensor`, with `expert` = the largest divisor of the device count
 that divides the number of experts, and `data` the rest), the remat policy, the parameter
