@@ -200,6 +200,8 @@ def format_plan(ranked: list[tuple[Layout, dict]], config_arg: str, topology: st
     lines.append("best, check it with a full compile (then train with --workdir=... in place of --mode/--topology):")
     lines.append(f"  python -m ec_dit.main --config={config_arg} --mode=compile --topology={topology}{slices} "
                  f"{best.flags(n)}")
+    if best.param_dtype != "float32":
+      lines.append("  (bfloat16 parameters are a what-if of the analysis: training keeps float32 parameters)")
   rows = [dict(dataclasses.asdict(lay), fits=r["fits"], total_gib=round(r["total_gib"], 2),
                step_s=float(f"{r['step_s_overlap']:.4g}"), images_per_s_per_chip=round(r["images_per_s_per_chip_overlap"], 2),
                mfu=round(r["mfu_overlap"], 4)) for lay, r in ranked]
