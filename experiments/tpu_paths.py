@@ -8,6 +8,7 @@ What is compiled
     ec_gather    expert choice, gather / scatter-add dispatch
     tc_capacity  token choice top-2, capacity factor 2
     tc_dropless  token choice top-2, dropless (ragged_dot on TPU)
+    tc_dropless_tiles  the same with the tile loop (`dropless_impl="tiles"`)
     dense        dense FFN at matched activated compute
 
 Reported per path: the compiler's FLOPs and bytes accessed per device, per-device HBM, the
@@ -31,6 +32,7 @@ PATHS = {
     "ec_gather": dict(kind="expert_choice", dispatch="gather"),
     "tc_capacity": dict(kind="token_choice", top_k=2, token_capacity_factor=2.0),
     "tc_dropless": dict(kind="token_choice", top_k=2, token_capacity_factor=0.0),
+    "tc_dropless_tiles": dict(kind="token_choice", top_k=2, token_capacity_factor=0.0, dropless_impl="tiles"),
     "dense": dict(kind="dense"),
 }
 
