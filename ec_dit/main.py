@@ -8,6 +8,9 @@
       --mode=sample --class_label=207 --num_images=4                  # class-conditional (DiT-MoE)
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m ec_dit.main \\
       --config=configs/ec_dit_xl.py --mode=compile --config.mesh.expert=8  # per-device memory, no weights
+  python -m ec_dit.main --config=configs/ec_dit_xl.py --mode=compile --topology=v5p:4x4x4 \\
+      --config.mesh.fsdp=2 --config.mesh.expert=32  # the TPU compiler's memory, collectives, roofline
+  python -m ec_dit.main --config=configs/ec_dit_m.py --mode=plan --topology=v5p:4x8x8  # search layouts
 
 Multi-host: run the same command on every host. On TPU VM pod slices (and SLURM / Open MPI
 clusters) jax.distributed is initialised automatically; elsewhere (e.g. several CPU or GPU
@@ -26,7 +29,7 @@ from ec_dit import (checkpoint, configs, distributed, errors, host_memory, infer
                     schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
-from ec_dit.tools import compile_report, model_summary
+from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
 from ec_dit.training import loop, workdir as workdir_lib
 
 # Errors that carry a complete message for the user: printed as one line, exit code 2 (ec_dit.errors).
@@ -37,7 +40,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with a 
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train_and_evaluate",
-                  ["train_and_evaluate", "train", "evaluate", "sample", "routing_maps", "summary", "compile"],
+                  ["train_and_evaluate", "train", "evaluate", "sample", "routing_maps", "summary", "compile", "plan"],
                   "train_and_evaluate: train, then score the GenEval-style prompt set; train: only train; "
                   "evaluate: score the latest checkpoint; sample: write PNGs for --prompt (for DiT-MoE: "
                   "--class_label); "
@@ -45,7 +48,12 @@ flags.DEFINE_enum("mode", "train_and_evaluate",
                   "ShapesWorld shape and colour) in WORKDIR/routing_maps; "
                   "summary: parameter and FLOP counts from shapes only; "
                   "compile: compile the train step for the configured mesh from abstract inputs and "
-                  "print per-device memory (no weights allocated).")
+                  "print per-device memory (no weights allocated); with --topology, by the TPU compiler, "
+                  "with collectives and a roofline estimate; "
+                  "plan: search mesh layouts for --topology (ec_dit/tools/tpu_plan.py).")
+flags.DEFINE_string("topology", None, "--mode=compile/plan: compile for this TPU pod slice with the real TPU "
+                    "compiler (libtpu), e.g. v5p:4x4x4, v6e:16x16, v5e:2x2; no TPU needed.")
+flags.DEFINE_integer("num_slices", 1, "--topology: number of such slices (multi-slice).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
@@ -125,6 +133,7 @@ def parse_flags(argv):
 
 def main(argv):
   try:
+    tpu_topology.cpu_unless_accelerator()  # no libtpu start-up noise on a machine without TPU or GPU
     host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
     run(argv)
   except USER_ERRORS as e:
@@ -152,6 +161,10 @@ def run(argv):
     sources.check_source(config.input)
   if FLAGS.mode == "summary":
     model_summary.print_summary(config)
+    return
+  if FLAGS.mode == "plan" or (FLAGS.mode == "compile" and FLAGS.topology):
+    tpu_plan.run_cli(config, FLAGS.mode, FLAGS.topology, num_slices=FLAGS.num_slices, param_dtype=FLAGS.param_dtype,
+                     config_arg=config_flags.get_config_filename(FLAGS["config"]))
     return
   initialize_distributed()
   if FLAGS.mode == "compile":
