@@ -31,14 +31,10 @@ def pytest_unconfigure(config):
 # The slowest files, slowest first (wall time of each file alone, measured): the rest follow in their
 # usual order. With `-n 2` (xdist, one file per work unit, `--dist loadfile` in pyproject.toml) the two
 # workers start on the longest files, and the short ones fill in at the end, so both finish together.
-<<<<<<< HEAD
-SLOW_FILES = ("test_multihost.py", "test_reliability.py", "test_train.py", "test_pixart_run.py", "test_sharding.py",
-              "test_latent_path.py",
-=======
-SLOW_FILES = ("test_multihost.py", "test_reliability.py", "test_train.py", "test_sharding.py", "test_tpu_compile.py", "test_latent_path.py",
->>>>>>> i28
+SLOW_FILES = ("test_multihost.py", "test_latent_demo.py", "test_reliability.py", "test_train.py", "test_pixart_run.py",
+              "test_tpu_compile.py", "test_sharding.py", "test_latent_path.py",
               "test_dit_moe_sharding.py", "test_text_and_sampling.py", "test_model.py", "test_dit_moe_training.py",
-              "test_untrusted_files.py", "test_untrusted_data.py", "test_latent_demo.py", "test_run_outputs.py",
+              "test_untrusted_files.py", "test_untrusted_data.py", "test_run_outputs.py",
               "test_readme.py", "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py",
               "test_heldout.py")
 
