@@ -48,6 +48,23 @@ def one_line(e: BaseException) -> str:
   return "error: " + " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+# What every command line treats as an expected failure, beside a full disk (`run_cli`).
+EXPECTED = (EcDitError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def run_cli(body, *args, expected: tuple = (), **kwargs):
+  """`body(*args, **kwargs)` for a command line's `main`: its result, or EXIT_CODE after printing an expected failure
+  (`EXPECTED`, `expected`, a full disk) as one line. Anything else is a bug and keeps its traceback."""
+  try:
+    return body(*args, **kwargs)
+  except EXPECTED + tuple(expected) as e:
+    return report(e)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    return report(e)
+
+
 def report(e: BaseException, stream=None) -> int:
   """Prints `one_line(e)` to stderr and returns the exit code for expected failures (2)."""
   print(one_line(e), file=stream or sys.stderr, flush=True)

@@ -132,16 +132,10 @@ def parse_flags(argv):
 
 
 def main(argv):
-  try:
-    tpu_topology.cpu_unless_accelerator()  # no libtpu start-up noise on a machine without TPU or GPU
-    host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
-    run(argv)
-  except USER_ERRORS as e:
-    sys.exit(errors.report(e))
-  except OSError as e:  # a full disk is an expected failure; other OS errors keep their traceback
-    if not errors.is_disk_full(e):
-      raise
-    sys.exit(errors.report(e))
+  tpu_topology.cpu_unless_accelerator()  # no libtpu start-up noise on a machine without TPU or GPU
+  host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
+  if errors.run_cli(run, argv, expected=USER_ERRORS):  # an expected failure, printed as one line
+    sys.exit(errors.EXIT_CODE)
 
 
 def run(argv):

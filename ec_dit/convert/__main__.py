@@ -46,25 +46,22 @@ def main(argv=None) -> int:
   parser.add_argument("--num_heads", type=int, default=0, help="dit: heads, for a width DiT never released")
   upcycle.add_arguments(parser, experts_flag="--upcycle_experts")
   args = parser.parse_args(argv)
-  try:
-    if args.format == "dit_moe":
-      params, config = _dit_moe(parser, args)
-    elif args.format == "pixart":
-      params, config = pixart.convert(args.checkpoint)
-    else:
-      params, config = dit.convert(args.checkpoint, num_heads=args.num_heads or None, weights=args.weights)
-    if args.upcycle_experts:
-      opts = upcycle.options(args, "upcycle_experts")
-      upcycle_run.write_upcycled(config, params, args.out, seed=opts.pop("seed"),
-                                 source=os.path.abspath(args.checkpoint), **opts)
-    else:
-      dit_moe.write_run(config, params, args.out)
-  except (errors.EcDitError, ValueError, FileNotFoundError, FileExistsError) as e:  # expected: one line, exit 2
-    return errors.report(e)
-  except OSError as e:
-    if errors.is_disk_full(e):
-      return errors.report(e)
-    raise
+  return errors.run_cli(_convert, parser, args)  # expected failures: one line, exit 2
+
+
+def _convert(parser, args) -> int:
+  if args.format == "dit_moe":
+    params, config = _dit_moe(parser, args)
+  elif args.format == "pixart":
+    params, config = pixart.convert(args.checkpoint)
+  else:
+    params, config = dit.convert(args.checkpoint, num_heads=args.num_heads or None, weights=args.weights)
+  if args.upcycle_experts:
+    opts = upcycle.options(args, "upcycle_experts")
+    upcycle_run.write_upcycled(config, params, args.out, seed=opts.pop("seed"),
+                               source=os.path.abspath(args.checkpoint), **opts)
+  else:
+    dit_moe.write_run(config, params, args.out)
   print(f"wrote {args.out} (config.json and checkpoints/0)")
   return 0
 

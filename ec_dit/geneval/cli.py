@@ -175,11 +175,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    return args.fn(args)
-  except (errors.EcDitError, ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
-    return errors.report(e)  # one line, exit code 2
-  except OSError as e:
-    if not errors.is_disk_full(e):
-      raise
-    return errors.report(e)
+  return errors.run_cli(args.fn, args, expected=(ImportError, NotImplementedError))  # expected: one line, exit 2

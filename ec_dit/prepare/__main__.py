@@ -41,14 +41,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   """Runs `run`; expected failures (bad input, a resume that does not match, a full disk) are one line, exit 2."""
-  try:
-    run(argv)
-  except (errors.EcDitError, ValueError, FileNotFoundError) as e:
-    sys.exit(errors.report(e))
-  except OSError as e:
-    if not errors.is_disk_full(e):
-      raise
-    sys.exit(errors.report(e))
+  if errors.run_cli(run, argv):  # an expected failure, printed as one line
+    sys.exit(errors.EXIT_CODE)
 
 
 def run(argv):

@@ -18,15 +18,12 @@ def main(argv=None) -> int:
   if args.experts < 1:
     parser.error("--experts: must be a positive number of experts")
   opts = upcycle.options(args, "experts")
-  try:
-    run_lib.upcycle_run(args.run, args.out, seed=opts.pop("seed"), **opts)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # expected (errors.EcDitError too): one line, exit 2
-    return errors.report(e)
-  except OSError as e:
-    if errors.is_disk_full(e):
-      return errors.report(e)
-    raise
-  print(f"wrote {args.out} (config.json and one checkpoint)")
+  return errors.run_cli(_upcycle, args.run, args.out, **opts)  # expected failures: one line, exit 2
+
+
+def _upcycle(run: str, out: str, **opts) -> int:
+  run_lib.upcycle_run(run, out, **opts)
+  print(f"wrote {out} (config.json and one checkpoint)")
   return 0
 
 
