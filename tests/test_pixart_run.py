@@ -11,16 +11,15 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from ec_dit.convert import __main__ as convert_cli
-from ec_dit.encoders import vae as vae_lib
 from ec_dit.inference import load_run_config
 from ec_dit.prepare import dataset
+from ec_dit.tools import random_encoders
 from ec_dit.training import loop
 from helpers import REPO, read_losses
-from latent_fixtures import VAE_CONFIG, _export, write_image_folder, write_t5
+from latent_fixtures import VAE_CONFIG, write_image_folder, write_t5
 
 PIXART = REPO / "tests" / "fixtures" / "pixart" / "pixart_tiny"
 VAE8 = {**VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -30,8 +29,7 @@ VAE8 = {**VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "down_block_types": ["
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("pixart_run")
-  model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(VAE8), rngs=nnx.Rngs(0))
-  _export(model, vae_lib.checkpoint_sources(model), root / "vae", "diffusion_pytorch_model.safetensors", VAE8)
+  random_encoders.write_vae(root / "vae", config=VAE8, seed=0)  # 8x downsampling, as SD's
   ckpt = root / "pixart"
   shutil.copytree(PIXART, ckpt)
   tensors = load_file(str(ckpt / "diffusion_pytorch_model.safetensors"))

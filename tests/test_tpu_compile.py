@@ -205,5 +205,5 @@ def test_cli_topology_errors_are_one_line(args, message):
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the CLI picks the CPU itself
   out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=tests/micro_config.py", *args], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=env)
-  assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
   assert out.stderr.startswith(message) and "libtpu" not in out.stderr and "TPU_" not in out.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -95,7 +96,8 @@ def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_ima
   `min_image_size` defaults to a quarter of `config.input.image_size`. A class-conditional
   config (`needs_text`) needs no T5: only the VAE is loaded.
 
-  `out` is locked like a training workdir (one job at a time). Before anything is
+  `out` is locked like a training workdir (one job at a time); a start that fails before
+  any shard is written removes `out` if it made it. Before anything is
   written, the fingerprint of what determines the shards (`ec_dit.prepare.state`:
   encoder files, examples_per_shard, image size, caption length, image limits, the
   source listing) is compared with the one `out` was started with: any difference
@@ -108,12 +110,17 @@ def prepare_dataset(config, out: str, *, examples_per_shard: int = 1024, min_ima
   if max_image_pixels < 1:
     raise ValueError(f"--max_image_pixels must be >= 1, got {max_image_pixels}")
   min_size = c.image_size // 4 if min_image_size is None else min_image_size
-  lock = _lock(out)
+  created = jax.process_index() == 0 and not os.path.exists(out)
+  lock, done = _lock(out), False
   try:
-    return _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders, max_image_pixels)
+    result = _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders, max_image_pixels)
+    done = True
+    return result
   finally:
     if lock is not None:
       lock.release()
+    if not done and created and not writer.has_shards(out):  # a failed start leaves no folder it made
+      shutil.rmtree(out, ignore_errors=True)
 
 
 def _prepare(config, c, out, examples_per_shard, min_size, max_shards, encoders, max_image_pixels):

@@ -18,11 +18,10 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.class_cond import validate_class_cond
-from ec_dit.schema.heldout import validate_heldout
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
-                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config,
-                                    input_defaults)
+                                    REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config, input_defaults)
+from ec_dit.schema.heldout import validate_heldout
 from ec_dit.schema.pixart import check_sampler, validate_pixart_options
 
 

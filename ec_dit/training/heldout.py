@@ -34,15 +34,23 @@ import numpy as np
 from flax import nnx
 
 from ec_dit import class_diffusion, diffusion, sharding
-from ec_dit.data import pipeline as data_pipeline
+from ec_dit.data import pipeline as data_pipeline, sources
 from ec_dit.model import is_class_cond
 
 NOISE_KEY, LATENT_KEY = 0, 1  # folded into the held-out seed's key
 
 
-def held_out_or_none(config, graphdef, mesh, tokenize) -> "HeldOut | None":
-  """The run's held-out loss, or None when `config.heldout.every_steps` is 0."""
-  return HeldOut(config, graphdef, mesh, tokenize) if config.heldout.every_steps else None
+def held_out_or_none(config, graphdef, mesh, tokenize, report=print) -> "HeldOut | None":
+  """The run's held-out loss, or None when `config.heldout.every_steps` is 0 or the source is too small to hold
+  any record out (fewer than 10 records: a tenth at most is held out); `report` says so in one line."""
+  if not config.heldout.every_steps:
+    return None
+  _, indices = sources.held_out_source(config.input, config.heldout.num_examples)
+  if not len(indices):
+    report(f"held-out loss off: {config.input.source} is too small to hold records out of training "
+           f"(at most a tenth is held out)")
+    return None
+  return HeldOut(config, graphdef, mesh, tokenize)
 
 
 class HeldOut:

@@ -195,7 +195,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
     workdir_lib.write_config(workdir, config)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   train_step = steps.make_train_step(config, graphdef, tx)
-  heldout = heldout_lib.held_out_or_none(config, graphdef, mesh, tokenize)  # ec_dit.training.heldout
+  heldout = heldout_lib.held_out_or_none(config, graphdef, mesh, tokenize, report)  # ec_dit.training.heldout
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
