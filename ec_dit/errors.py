@@ -21,6 +21,13 @@ class EcDitError(ValueError):
   """An expected failure whose message is complete for the user (one line, naming the file or field)."""
 
 
+class UsageError(EcDitError):
+  """A command line used wrongly (a missing or contradictory flag); the message ends with a pointer to --help."""
+
+  def __str__(self) -> str:
+    return f"{super().__str__()} (--help lists the flags)"
+
+
 class CheckpointError(EcDitError):
   """A checkpoint or weights file that cannot be read safely, or does not fit the config."""
 

@@ -25,8 +25,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import (checkpoint, configs, distributed, errors, host_memory, inference, inference_class, routing_maps,
-                    schema)
+from ec_dit import (checkpoint, command_line, configs, distributed, errors, host_memory, inference, inference_class,
+                    routing_maps, schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
@@ -74,7 +74,7 @@ def initialize_distributed() -> None:
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    raise errors.UsageError(str(e)) from None
 
 
 def _encoders_given(config):
@@ -101,34 +101,22 @@ def unknown_override(argv) -> str | None:
 RUN_MODES = ("evaluate", "sample", "routing_maps")
 
 
-def _flag_value(argv, name: str) -> str | None:
-  """The last value of `--name=V` or `--name V` in argv, else None."""
-  value = None
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      value = arg.split("=", 1)[1]
-    elif arg == f"--{name}" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
 def with_run_config(argv):
   """argv with `--config=ec_dit/configs.py:WORKDIR` (the run's own config) added for a `RUN_MODES` command
   that names no --config, so its `--config.sample.*` overrides apply to the run's config."""
-  if _flag_value(argv, "mode") in RUN_MODES and _flag_value(argv, "config") is None:
-    workdir = _flag_value(argv, "workdir")
+  if command_line.flag_value(argv, "mode") in RUN_MODES and command_line.flag_value(argv, "config") is None:
+    workdir = command_line.flag_value(argv, "workdir")
     if workdir:
       return argv[:1] + [f"--config={configs.__file__}:{workdir}"] + argv[1:]
   return argv
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with an unknown `--config.KEY` override as one line instead of a traceback."""
+  """Flag parsing with one-line errors (`ec_dit.command_line`), an unknown `--config.KEY` override included."""
   message = unknown_override(argv)
   if message:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-  return app.parse_flags_with_usage(with_run_config(argv))
+    command_line.exit_with(message)
+  return command_line.parse_flags(with_run_config(argv))
 
 
 def main(argv):
@@ -141,17 +129,20 @@ def main(argv):
 def run(argv):
   """Validates the config and dispatches on --mode."""
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
   if FLAGS.mode in RUN_MODES and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
     _missing_run()
   config = FLAGS.config
+  if config is None:
+    raise errors.UsageError(f"--config is required for --mode={FLAGS.mode} (e.g. --config=configs/ec_dit_tiny.py)"
+                            + (" or --workdir of a finished run" if FLAGS.mode in RUN_MODES else ""))
   schema.validate(config)
   if FLAGS.mode in ("train", "train_and_evaluate"):  # before anything is written or compiled
     try:
       schema.check_paths(config, FLAGS.mode)
     except ValueError as e:
-      raise app.UsageError(str(e)) from None
+      raise errors.UsageError(str(e)) from None
     sources.check_source(config.input)
   if FLAGS.mode == "summary":
     model_summary.print_summary(config)
@@ -166,7 +157,7 @@ def run(argv):
           flush=True)
     return
   if not FLAGS.workdir:
-    raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
+    raise errors.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
   if FLAGS.mode in RUN_MODES:  # a finished run: sampler settings may change, its model may not
     if not os.path.isdir(FLAGS.workdir):
       _missing_run()
@@ -183,7 +174,7 @@ def run(argv):
                                                    class_diffusion=config.class_diffusion)))
   elif FLAGS.mode == "sample":
     if not FLAGS.prompt:
-      raise app.UsageError("--mode=sample needs at least one --prompt")
+      raise errors.UsageError("--mode=sample needs at least one --prompt")
     _check_prompts(FLAGS.prompt)
     paths = inference.sample_to_files(FLAGS.workdir, FLAGS.prompt, num_images=FLAGS.num_images, seed=FLAGS.seed,
                                       encoders_config=_encoders_given(config), sample=config.sample)

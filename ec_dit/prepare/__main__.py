@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ec_dit import distributed, errors, schema
+from ec_dit import command_line, distributed, errors, schema
 from ec_dit.data import sources
 from ec_dit.prepare import dataset
 
@@ -48,26 +48,25 @@ def main(argv):
 def run(argv):
   """Checks the flags and the source, then encodes (`ec_dit.prepare.dataset.prepare_dataset`)."""
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   if not FLAGS.out:
-    raise app.UsageError("--out is required: the folder to write the shards and manifest.json to")
+    raise errors.UsageError("--out is required: the folder to write the shards and manifest.json to")
   config = FLAGS.config
   if FLAGS.source:
     config.input.source = FLAGS.source
   c = schema.validate_input(config.input)
   if schema.parse_source(c.source)[0] == "latents":
-    raise app.UsageError(f"--source: prepare reads images and captions, not a prepared folder ({c.source!r})")
+    raise errors.UsageError(f"--source: prepare reads images and captions, not a prepared folder ({c.source!r})")
   sources.check_source(c)
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    raise errors.UsageError(str(e)) from None
   dataset.prepare_dataset(config, FLAGS.out, examples_per_shard=FLAGS.examples_per_shard,
                           min_image_size=FLAGS.min_image_size, max_shards=FLAGS.max_shards,
                           max_image_pixels=FLAGS.max_image_pixels)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: command_line.parse_flags(argv, required=("config", "out")))
