@@ -48,7 +48,7 @@ def test_convert_sample_train_resume(assets, tmp_path):
   config = load_run_config(str(run))
   assert config.model.prediction == "epsilon" and config.input.image_size == 64  # 8x8 latents, the VAE's 8x
   encoders = [f"--config.encoders.t5_path={assets['t5']}", f"--config.encoders.vae_path={assets['vae']}"]
-  out = subprocess.run([sys.executable, "-m", "ec_dit.main", "--config=configs/pixart_alpha.py:256",
+  out = subprocess.run([sys.executable, "-m", "ec_dit.main",  # no --config: the run's own
                         f"--workdir={run}", "--mode=sample", "--prompt=a photo of a red square", "--num_images=2",
                         *encoders], capture_output=True, text=True, cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -15,7 +15,8 @@ always given, no auxiliary losses:
 
 * text-to-image: the velocity MSE weighted by `diffusion.loss_weight(t, loss_t_min)`;
 * class-conditional (`model.arch = "dit_moe"`): rectified flow's MSE on eps - x0,
-  or for DDPM the MSE + VB term at timestep round(t * (num_timesteps - 1)).
+  or for DDPM the MSE + VB term at timestep round(t * (num_timesteps - 1));
+* text-to-image DDPM (`model.prediction = "epsilon"`, PixArt-alpha): that MSE + VB term too.
 
 Prepared latents are drawn once (latent_mean + latent_std * eps, eps fixed).
 `heldout/loss` (the training parameters) and `heldout/loss_ema` (the EMA weights,
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import class_diffusion, diffusion, sharding
+from ec_dit import class_diffusion, diffusion, sharding, text_ddpm
 from ec_dit.data import pipeline as data_pipeline, sources
 from ec_dit.model import is_class_cond
 
@@ -110,6 +111,8 @@ def _make_losses(config, graphdef, mesh, t_values):
   """jit(params, batch, noise [T, B, ...]) -> per-example losses [T, B] at each t of the grid."""
   class_cond = is_class_cond(config)
   ddpm = class_diffusion.make_diffusion(config) if class_cond and config.class_diffusion.objective == "ddpm" else None
+  if not class_cond and config.model.prediction == "epsilon":  # DDPM text-to-image (PixArt-alpha)
+    ddpm = text_ddpm.diffusion(config.model.learn_sigma)
 
   def one_t(model, batch, noise, t):
     x0 = batch["image"]
@@ -117,6 +120,10 @@ def _make_losses(config, graphdef, mesh, t_values):
     if not class_cond:
       tb = jnp.full((b,), t, jnp.float32)
       text = batch["features"] if "features" in batch else batch["tokens"]
+      if ddpm is not None:  # MSE + VB at timestep round(t (T - 1)), as the class-conditional DDPM below
+        steps = jnp.full((b,), int(round(t * (ddpm.num_timesteps - 1))), jnp.int32)
+        terms, _ = ddpm.training_losses(lambda x, s: model(x, s, text, batch["mask"]), x0, steps, noise)
+        return terms["loss"]
       v, _ = model(diffusion.interpolate(x0, noise, tb), tb, text, batch["mask"])
       return diffusion.loss_weight(tb, config.diffusion.loss_t_min) * jnp.mean(jnp.square(v - (noise - x0)), axes)
     keep = jnp.zeros((b,), bool)  # labels always given
