@@ -21,12 +21,9 @@ import jax
 import numpy as np
 
 from ec_dit import checkpoint, errors, torch_pickle
+from ec_dit.convert.mapping import CheckpointMismatch  # noqa: F401 (also this module's public name)
 from ec_dit.model import dit_moe
 from ec_dit.training import optimizers
-
-
-class CheckpointMismatch(errors.CheckpointError):
-  """The checkpoint does not fit the config; the message lists every problem found."""
 
 
 def load_state_dict(path: str, weights: str = "auto") -> dict[str, np.ndarray]:
