@@ -25,7 +25,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO_CLASS = ["--config.model.input_size=8", "--config.model.hidden_size=64", "--config.model.depth=2",
                "--config.model.num_heads=4", "--config.model.mlp_ratio=2.0",
                "--config.model.class_cond.num_classes=3", "--config.model.ffn.num_experts=4",
-               "--config.batch_size=8"]
+               "--config.batch_size=8", "--config.input.image_size=64",
+               "--config.class_diffusion.class_labels=(0, 1, 2)"]
 QUIET = ["--config.log_every_steps=1", "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
 
 
