@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from ec_dit import schema
 from ec_dit.data import latents, sources
 from ec_dit.prepare import dataset, writer
 from ec_dit.training import loop
-from helpers import REPO, load_config, read_losses, set_fields
+from helpers import REPO, assert_resumes_bitwise, load_config, set_fields
 from latent_fixtures import write_image_folder, write_t5, write_vae
 
 CONFIG = REPO / "tests" / "latent_config.py"
@@ -100,14 +99,7 @@ def test_train_from_latents_resumes_bitwise_then_samples(prepared, assets, tmp_p
                          encoders__vae_path=str(assets["vae"]))
   schema.validate(config)
   run = tmp_path / "run"
-  loop.train(config, str(run))
-  expected = read_losses(run)
-  assert sorted(expected) == list(range(1, 21)) and all(np.isfinite(list(expected.values())))
-  shutil.rmtree(run / "checkpoints" / "20")  # as if stopped after the step-10 checkpoint
-  loop.train(config, str(run))
-  got = read_losses(run)
-  for step in range(11, 21):
-    assert got[step] == expected[step], step  # bit for bit: the same latent draws after resuming
+  assert_resumes_bitwise(loop.train, config, run)
   out = subprocess.run([sys.executable, "-m", "ec_dit.main", f"--config={CONFIG}", f"--workdir={run}",
                         "--mode=sample", "--prompt=a photo of a red square", "--num_images=2"],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
