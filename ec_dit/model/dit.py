@@ -30,26 +30,27 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
-from ec_dit import primitives, schema
+from ec_dit import primitives
 from ec_dit.model import attention, embeddings
 from ec_dit.moe import layers as moe_layers
 
-# Activation checkpointing per block: name (schema.REMAT_POLICIES) -> jax.checkpoint policy (None = no remat).
-REMAT_POLICIES = {
+# Activation checkpointing per block: `model.remat_policy` (one of `schema.REMAT_POLICIES`) -> its
+# jax.checkpoint policy (None = no remat).
+REMAT_POLICY_OF = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
-# What the network's last layer predicts. The model always *returns* the velocity
-# eps - x0 (the rectified-flow target), so losses and samplers never change.
+# What the network's last layer predicts (`model.prediction`, one of `schema.PREDICTIONS`). The
+# model always *returns* the velocity eps - x0 (the rectified-flow target), so losses and samplers
+# never change.
 #   velocity: the output is the velocity (EC-DiT, SD3).
 #   x0: the output is the clean image and v = (x_t - x0) / t (JiT, Li & He 2025,
 #       "Back to Basics: Let Denoising Generative Models Denoise"). In pixel space the
 #       clean image is far simpler to produce than the noise-laden velocity, which a
 #       small transformer otherwise has to carry through every block.
-PREDICTIONS = schema.PREDICTIONS
 X0_MIN_T = 0.05  # x0 mode: t in the denominator is clipped here (JiT clips alike)
 VAE_SCALE = 8  # micro-conditions: latent pixels -> image pixels (SD VAE), for the default resolution
 
@@ -184,7 +185,7 @@ class DiT(nnx.Module):
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     m = ml_collections.FrozenConfigDict(model_config)
-    self.config = ml_collections.FrozenConfigDict(m)
+    self.config = m
     dtype = primitives.compute_dtype(m.dtype)
     d = m.hidden_size
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
@@ -246,7 +247,7 @@ class DiT(nnx.Module):
     c_final = c
     if self.t_block is not None:  # adaLN-single: the blocks get t_block(silu(c)), the final layer c
       c = self.t_block(jax.nn.silu(c))
-    policy = REMAT_POLICIES[m.remat_policy]
+    policy = REMAT_POLICY_OF[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
     skips, n_skip = [], (len(self.skip_proj) if self.skip_proj is not None else 0)
     for i, (block, kv) in enumerate(zip(self.blocks, context_cache.kv)):

@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ec_dit import primitives, schema, sharding
+from ec_dit import primitives, sharding
 from ec_dit.moe import dispatch as dispatch_lib
 from ec_dit.moe import grouped, routing
 
-ACTIVATIONS = schema.ACTIVATIONS
 _expert_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0,))
 _router_init = nnx.initializers.normal(stddev=0.02)
 
