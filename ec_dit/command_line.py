@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from ec_dit import errors
 
@@ -60,3 +60,18 @@ def parse_flags(argv, *, required: tuple[str, ...] = ()):
     return flags.FLAGS(argv)
   except flags.Error as e:
     exit_with(_flag_error_line(e))
+
+
+def run_main(run, argv, *, expected: tuple = ()) -> None:
+  """An absl command line's `main`: `run(argv)` once positional arguments are refused and absl's INFO logging
+  is quieted (Orbax logs every save at INFO; the progress bar says enough). An expected failure
+  (`errors.run_cli`: bad input, `expected`, a full disk) is printed as one line and exits with code 2."""
+  if errors.run_cli(_checked_run, run, argv, expected=expected):
+    sys.exit(errors.EXIT_CODE)
+
+
+def _checked_run(run, argv) -> None:
+  if len(argv) > 1:
+    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  run(argv)

@@ -20,9 +20,8 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 
 import difflib
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ec_dit import (checkpoint, command_line, configs, distributed, errors, host_memory, inference, inference_class,
@@ -122,15 +121,11 @@ def parse_flags(argv):
 def main(argv):
   tpu_topology.cpu_unless_accelerator()  # no libtpu start-up noise on a machine without TPU or GPU
   host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
-  if errors.run_cli(run, argv, expected=USER_ERRORS):  # an expected failure, printed as one line
-    sys.exit(errors.EXIT_CODE)
+  command_line.run_main(run, argv, expected=USER_ERRORS)  # an expected failure: one line, exit code 2
 
 
 def run(argv):
-  """Validates the config and dispatches on --mode."""
-  if len(argv) > 1:
-    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
+  """Validates the config and dispatches on --mode (after `command_line.run_main`'s checks)."""
   if FLAGS.mode in RUN_MODES and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
     _missing_run()
   config = FLAGS.config

@@ -14,9 +14,7 @@ are one line on stderr with exit code 2 (`ec_dit.errors`).
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ec_dit import command_line, distributed, errors, schema
@@ -41,15 +39,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   """Runs `run`; expected failures (bad input, a resume that does not match, a full disk) are one line, exit 2."""
-  if errors.run_cli(run, argv):  # an expected failure, printed as one line
-    sys.exit(errors.EXIT_CODE)
+  command_line.run_main(run, argv)  # an expected failure: one line, exit code 2
 
 
 def run(argv):
   """Checks the flags and the source, then encodes (`ec_dit.prepare.dataset.prepare_dataset`)."""
-  if len(argv) > 1:
-    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.out:
     raise errors.UsageError("--out is required: the folder to write the shards and manifest.json to")
   config = FLAGS.config
