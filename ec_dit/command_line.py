@@ -1,4 +1,5 @@
-"""Flag parsing for the absl command lines (`ec_dit.main`, `ec_dit.prepare`): mistakes as one line, exit code 2.
+"""What the absl command lines (`ec_dit.main`, `ec_dit.prepare`) share: flag parsing with mistakes as one line and
+exit code 2, their `main` (`run_main`) and the multi-process start (`initialize_distributed`).
 
 absl answers a usage mistake with the module docstring and every flag (60 lines), and
 ml_collections answers a `--config` file that is missing or fails to load with a
@@ -15,7 +16,7 @@ import sys
 
 from absl import flags, logging
 
-from ec_dit import errors
+from ec_dit import distributed, errors
 
 
 def flag_value(argv, name: str) -> str | None:
@@ -75,3 +76,13 @@ def _checked_run(run, argv) -> None:
     raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   run(argv)
+
+
+def initialize_distributed() -> None:
+  """`distributed.initialize` from the --coordinator_address, --num_processes and --process_id flags (which the
+  command line defines); flags given incompletely or inconsistently are an `errors.UsageError`."""
+  f = flags.FLAGS
+  try:
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  except ValueError as e:
+    raise errors.UsageError(str(e)) from None

@@ -24,8 +24,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import (checkpoint, command_line, configs, distributed, errors, host_memory, inference, inference_class,
-                    routing_maps, schema)
+from ec_dit import (checkpoint, command_line, configs, errors, host_memory, inference, inference_class, routing_maps,
+                    schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
@@ -66,14 +66,6 @@ flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample and --mode=rout
 flags.DEFINE_list("routing_steps", None, "--mode=routing_maps: denoising step indices to show "
                   "(default: 4 evenly spaced).")
 FLAGS = flags.FLAGS
-
-
-def initialize_distributed() -> None:
-  """Starts JAX's multi-controller runtime when launched as several processes (`ec_dit.distributed`)."""
-  try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    raise errors.UsageError(str(e)) from None
 
 
 def _encoders_given(config):
@@ -146,7 +138,7 @@ def run(argv):
     tpu_plan.run_cli(config, FLAGS.mode, FLAGS.topology, num_slices=FLAGS.num_slices, param_dtype=FLAGS.param_dtype,
                      config_arg=config_flags.get_config_filename(FLAGS["config"]))
     return
-  initialize_distributed()
+  command_line.initialize_distributed()  # JAX's multi-controller runtime when launched as several processes
   if FLAGS.mode == "compile":
     print(compile_report.format_report(compile_report.memory_report(config, param_dtype=FLAGS.param_dtype)),
           flush=True)

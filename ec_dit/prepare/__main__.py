@@ -17,7 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import command_line, distributed, errors, schema
+from ec_dit import command_line, errors, schema
 from ec_dit.data import sources
 from ec_dit.prepare import dataset
 
@@ -53,10 +53,7 @@ def run(argv):
   if schema.parse_source(c.source)[0] == "latents":
     raise errors.UsageError(f"--source: prepare reads images and captions, not a prepared folder ({c.source!r})")
   sources.check_source(c)
-  try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    raise errors.UsageError(str(e)) from None
+  command_line.initialize_distributed()
   dataset.prepare_dataset(config, FLAGS.out, examples_per_shard=FLAGS.examples_per_shard,
                           min_image_size=FLAGS.min_image_size, max_shards=FLAGS.max_shards,
                           max_image_pixels=FLAGS.max_image_pixels)
