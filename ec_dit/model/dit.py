@@ -95,11 +95,8 @@ class DiTBlock(nnx.Module):
   def __init__(self, index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d = model_config.hidden_size
     self.decoupled_routing = bool(model_config.ffn.decoupled_routing)
-    if model_config.conditioning == "adaln_single":  # PixArt-alpha: c is already t_block's [B, 6d]
-      self.adaln, self.scale_shift_table = None, _table(rngs, 6, d)
-    else:
-      self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
-                                     rngs=rngs, dtype=dtype)
+    # adaln_single (PixArt-alpha): c is already t_block's [B, 6d]
+    _init_modulation(self, 6, d, model_config.conditioning == "adaln_single", rngs, dtype)
     self.attn = attention.SelfAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.cross_attn = attention.CrossAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.ffn = make_ffn(index, model_config, rngs=rngs, dtype=dtype)
@@ -117,6 +114,16 @@ class DiTBlock(nnx.Module):
     router_input = h if self.decoupled_routing else x
     y, diagnostics = self.ffn(primitives.modulate(h, shift2, scale2), router_input)
     return x + gate2[:, None] * y, diagnostics
+
+
+def _init_modulation(module: nnx.Module, rows: int, d: int, single: bool, rngs: nnx.Rngs, dtype) -> None:
+  """A block's `rows` x d adaLN modulation: with adaLN-single (PixArt-alpha) a learned `scale_shift_table` added
+  to the shared t_block's output and no `adaln`; otherwise its own zero-initialised `adaln` Linear (adaLN-Zero)."""
+  if single:
+    module.adaln, module.scale_shift_table = None, _table(rngs, rows, d)
+  else:
+    module.adaln = primitives.Linear(d, rows * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
+                                     rngs=rngs, dtype=dtype)
 
 
 def _table(rngs: nnx.Rngs, rows: int, d: int) -> nnx.Param:
@@ -152,11 +159,7 @@ class FinalLayer(nnx.Module):
 
   def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                single: bool = False):
-    if single:
-      self.adaln, self.scale_shift_table = None, _table(rngs, 2, d)
-    else:
-      self.adaln = primitives.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
-                                     rngs=rngs, dtype=dtype)
+    _init_modulation(self, 2, d, single, rngs, dtype)
     self.proj = primitives.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
                           kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
 
