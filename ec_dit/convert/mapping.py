@@ -23,7 +23,7 @@ class CheckpointMismatch(errors.CheckpointError):
 
 
 def count_indexed(names, pattern: str) -> int:
-  """One more than the largest index `pattern`'s first group matches in `names` (a state dict's keys), else 0:
+  r"""One more than the largest index `pattern`'s first group matches in `names` (a state dict's keys), else 0:
   `count_indexed(sd, r"blocks\.(\d+)\.")` is the number of blocks."""
   found = {int(m.group(1)) for n in names for m in [re.match(pattern, n)] if m}
   return max(found) + 1 if found else 0
