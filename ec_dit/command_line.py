@@ -1,4 +1,5 @@
-"""Flag parsing for the absl command lines (`ec_dit.main`, `ec_dit.prepare`): mistakes as one line, exit code 2.
+"""What the absl command lines (`ec_dit.main`, `ec_dit.prepare`) share: flag parsing with mistakes as one line and
+exit code 2, their `main` (`run_main`) and the multi-process start (`initialize_distributed`).
 
 absl answers a usage mistake with the module docstring and every flag (60 lines), and
 ml_collections answers a `--config` file that is missing or fails to load with a
@@ -13,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags
+from absl import flags, logging
 
-from ec_dit import errors
+from ec_dit import distributed, errors
 
 
 def flag_value(argv, name: str) -> str | None:
@@ -60,3 +61,28 @@ def parse_flags(argv, *, required: tuple[str, ...] = ()):
     return flags.FLAGS(argv)
   except flags.Error as e:
     exit_with(_flag_error_line(e))
+
+
+def run_main(run, argv, *, expected: tuple = ()) -> None:
+  """An absl command line's `main`: `run(argv)` once positional arguments are refused and absl's INFO logging
+  is quieted (Orbax logs every save at INFO; the progress bar says enough). An expected failure
+  (`errors.run_cli`: bad input, `expected`, a full disk) is printed as one line and exits with code 2."""
+  if errors.run_cli(_checked_run, run, argv, expected=expected):
+    sys.exit(errors.EXIT_CODE)
+
+
+def _checked_run(run, argv) -> None:
+  if len(argv) > 1:
+    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  run(argv)
+
+
+def initialize_distributed() -> None:
+  """`distributed.initialize` from the --coordinator_address, --num_processes and --process_id flags (which the
+  command line defines); flags given incompletely or inconsistently are an `errors.UsageError`."""
+  f = flags.FLAGS
+  try:
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  except ValueError as e:
+    raise errors.UsageError(str(e)) from None

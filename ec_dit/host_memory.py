@@ -1,10 +1,10 @@
 """Host memory for XLA:CPU: reuse a step's temporary buffer instead of page-faulting it in every step.
 
-XLA:CPU allocates an executable's temporaries (the tiny default's train step: 227 MB) with
-`posix_memalign` on one of its worker threads and frees them when the step ends. glibc serves
-an allocation that large in a thread's arena from a fresh `mmap` and unmaps it on free, so
-every step faults the whole buffer in again: per step, about 61,000 page faults and 0.1 s of
-kernel time on the tiny default, 700,000 and 1.2 s on the DiT-MoE-S/2 shape (docs/benchmarks.md).
+XLA:CPU allocates an executable's temporaries with `posix_memalign` on one of its worker
+threads and frees them when the step ends. glibc serves an allocation that large in a thread's
+arena from a fresh `mmap` and unmaps it on free, so every step faults the whole buffer in again
+and pays for it in kernel time (the sizes, fault counts and step times: docs/benchmarks.md,
+"The last steps of issue 21").
 
 `reuse_freed_memory()` sets glibc's malloc to one arena for all threads, no `mmap` for large
 blocks and no trimming of the heap's free top: the freed buffer stays in the heap and the next

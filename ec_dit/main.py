@@ -20,13 +20,12 @@ machines, or processes on one machine) pass --coordinator_address=HOST:PORT
 
 import difflib
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import (checkpoint, command_line, configs, distributed, errors, host_memory, inference, inference_class,
-                    routing_maps, schema)
+from ec_dit import (checkpoint, command_line, configs, errors, host_memory, inference, inference_class, routing_maps,
+                    schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
@@ -67,14 +66,6 @@ flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=sample and --mode=rout
 flags.DEFINE_list("routing_steps", None, "--mode=routing_maps: denoising step indices to show "
                   "(default: 4 evenly spaced).")
 FLAGS = flags.FLAGS
-
-
-def initialize_distributed() -> None:
-  """Starts JAX's multi-controller runtime when launched as several processes (`ec_dit.distributed`)."""
-  try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    raise errors.UsageError(str(e)) from None
 
 
 def _encoders_given(config):
@@ -122,15 +113,11 @@ def parse_flags(argv):
 def main(argv):
   tpu_topology.cpu_unless_accelerator()  # no libtpu start-up noise on a machine without TPU or GPU
   host_memory.reuse_freed_memory()  # before JAX's first computation (ec_dit/host_memory.py)
-  if errors.run_cli(run, argv, expected=USER_ERRORS):  # an expected failure, printed as one line
-    sys.exit(errors.EXIT_CODE)
+  command_line.run_main(run, argv, expected=USER_ERRORS)  # an expected failure: one line, exit code 2
 
 
 def run(argv):
-  """Validates the config and dispatches on --mode."""
-  if len(argv) > 1:
-    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
+  """Validates the config and dispatches on --mode (after `command_line.run_main`'s checks)."""
   if FLAGS.mode in RUN_MODES and FLAGS.workdir and not os.path.isdir(FLAGS.workdir):
     _missing_run()
   config = FLAGS.config
@@ -151,7 +138,7 @@ def run(argv):
     tpu_plan.run_cli(config, FLAGS.mode, FLAGS.topology, num_slices=FLAGS.num_slices, param_dtype=FLAGS.param_dtype,
                      config_arg=config_flags.get_config_filename(FLAGS["config"]))
     return
-  initialize_distributed()
+  command_line.initialize_distributed()  # JAX's multi-controller runtime when launched as several processes
   if FLAGS.mode == "compile":
     print(compile_report.format_report(compile_report.memory_report(config, param_dtype=FLAGS.param_dtype)),
           flush=True)

@@ -170,11 +170,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, table))
 
 
-def current_mesh() -> Mesh | None:
-  ctx = getattr(_context, "value", None)
-  return None if ctx is None else ctx[0]
-
-
 # ----------------------------------------------------------------------------
 # Optimizer state
 
@@ -200,7 +195,3 @@ def opt_state_shardings(opt_abs, params_abs, params_sh, default) -> Any:
 
   return jax.tree_util.tree_map_with_path(pick, opt_abs)
 
-
-def batch_shardings(batch, mesh: Mesh, rules) -> Any:
-  """Per-leaf shardings of a (global) batch pytree: leading axis by the `batch` rule."""
-  return jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape[0], len(x.shape)), batch)

@@ -50,7 +50,7 @@ def image_ids(batch):
 
 def test_defaults_validate():
   c = ip.input_defaults()
-  ip.validate_input(c)
+  ip.check_input_and_source(c)
   assert c.source == "shapes_world" and c.worker_count == 0 and c.shuffle
 
 
@@ -192,7 +192,7 @@ def test_folder_source_txt_and_jsonl(tmp_path):
   for n in names:
     (folder / n).with_suffix(".txt").write_text(captions[n] + "\n")
   c = cfg(source=f"folder:{folder}", image_size=8, shuffle=False)
-  ip.validate_input(c)
+  ip.check_input_and_source(c)
   batches = list(ip.create_dataset(c, batch_size=2, tokenize=fake_tokenize, seed=0, num_epochs=1))
   check_file_batches(batches, names, expected, captions, 8)
   # A metadata.jsonl (Hugging Face imagefolder style: file_name / text) takes precedence.
@@ -244,16 +244,16 @@ def test_tfds_source(tmp_path):
   (b,) = take(ip.create_dataset(c16, batch_size=8, tokenize=fake_tokenize, seed=0), 1)
   assert b["image"].shape == (8, 16, 16, 3)
   with pytest.raises(ValueError, match="split 'validation' not in"):
-    ip.validate_input(cfg(source="tfds:shapes_world/tiny:validation", tfds_data_dir=str(tmp_path)))
+    ip.check_input_and_source(cfg(source="tfds:shapes_world/tiny:validation", tfds_data_dir=str(tmp_path)))
 
 
 def test_tfds_unprepared_dataset_is_not_downloaded(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(ValueError, match=r"config.input.source: TFDS dataset 'mnist' is not prepared.*never downloads"):
-    ip.validate_input(cfg(source="tfds:mnist:train", tfds_data_dir=str(tmp_path)))
+    ip.check_input_and_source(cfg(source="tfds:mnist:train", tfds_data_dir=str(tmp_path)))
   assert not any(tmp_path.iterdir())
   with pytest.raises(ValueError, match="config.input.source: TFDS dataset 'no_such_dataset_xyz' not found"):
-    ip.validate_input(cfg(source="tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))
+    ip.check_input_and_source(cfg(source="tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))
 
 
 def test_parse_source_forms(tmp_path):
@@ -285,7 +285,7 @@ def test_validation_errors_name_the_field(field, value, match):
   c = ip.input_defaults().to_dict()
   c[field] = value
   with pytest.raises(ValueError, match=match):
-    ip.validate_input(c)  # a plain dict works too
+    ip.check_input_and_source(c)  # a plain dict works too
 
 
 def test_shapes_world_tasks_choose_the_captions():
@@ -297,11 +297,11 @@ def test_shapes_world_tasks_choose_the_captions():
 
 def test_validation_unknown_key_and_empty_folder(tmp_path):
   c = ip.input_defaults()
-  c.batch = 3  # ConfigDicts are open for new keys; the schema check is validate_input's
+  c.batch = 3  # ConfigDicts are open for new keys; the schema check is schema.validate_input's
   with pytest.raises(ValueError, match=r"config.input.batch: unknown key"):
-    ip.validate_input(c)
+    ip.check_input_and_source(c)
   with pytest.raises(ValueError, match=r"config.input.source: must be 'folder:PATH' with image files"):
-    ip.validate_input(cfg(source=f"folder:{tmp_path}"))
+    ip.check_input_and_source(cfg(source=f"folder:{tmp_path}"))
   write_images(tmp_path)  # images but no captions
   with pytest.raises(ValueError, match=r"config.input.source: image .* has no caption file"):
     ip.create_dataset(cfg(source=f"folder:{tmp_path}"), batch_size=2, tokenize=fake_tokenize, seed=0)

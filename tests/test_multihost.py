@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ec_dit.training import loop as train
+from ec_dit.training import loop
 from helpers import REPO, read_losses, train_config
 
 MESH = dict(data=2, fsdp=2, expert=2, tensor=1)  # data spans the two processes
@@ -85,8 +85,8 @@ def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh
   outputs = _launch_two_processes(multi, 6)  # resumes from step 4
   assert "resumed from step 4" in outputs[0][1]
 
-  train.train(_single_process_config(4, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
-  train.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # restored onto (1, 2, 2, 2)
+  loop.train(_single_process_config(4, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
+  loop.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # restored onto (1, 2, 2, 2)
   assert "resumed from step 4" in capsys.readouterr().err
   expected, got = read_losses(single), read_losses(multi)
   assert sorted(got) == sorted(expected) == list(range(1, 7))

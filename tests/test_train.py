@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ec_dit import inference
-from ec_dit.training import loop as train, step as step_lib
+from ec_dit.training import loop, step as step_lib
 from helpers import REPO, read_losses, train_config
 
 RUNNER = pathlib.Path(__file__).with_name("train_runner.py")
@@ -43,7 +43,7 @@ def _checkpoint_steps(workdir):
 
 def test_end_to_end_train_and_evaluate(tmp_path, capsys):
   config = train_config(eval_every_steps=3)
-  scores = train.train_and_evaluate(config, str(tmp_path))
+  scores = loop.train_and_evaluate(config, str(tmp_path))
   losses = read_losses(tmp_path)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
   row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
@@ -72,7 +72,7 @@ def test_end_to_end_train_and_evaluate(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", ["tc", "dense"])
 def test_other_ffn_kinds_train(tmp_path, variant):
-  metrics = train.train(train_config(variant, num_train_steps=2), str(tmp_path))
+  metrics = loop.train(train_config(variant, num_train_steps=2), str(tmp_path))
   assert np.isfinite(metrics["loss"])
   if variant == "tc":
     assert "moe/layer_01/balance_loss" in metrics
@@ -80,13 +80,13 @@ def test_other_ffn_kinds_train(tmp_path, variant):
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
-  train.train(train_config(num_train_steps=8), str(ref))
+  loop.train(train_config(num_train_steps=8), str(ref))
   proc = _start(run, num_train_steps=8)
   _wait_for_step(run, 5, proc)
   proc.kill()  # no chance to save: resume from the last completed checkpoint
   proc.wait()
   assert _checkpoint_steps(run)  # at least the step-2 or step-4 checkpoint survived
-  train.train(train_config(num_train_steps=8), str(run))
+  loop.train(train_config(num_train_steps=8), str(run))
   expected, got = read_losses(ref), read_losses(run)
   assert sorted(got) == list(range(1, 9))
   for step in range(1, 9):
@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   last_logged = max(read_losses(tmp_path))
   assert _checkpoint_steps(tmp_path) == [last_logged]
   # and the run continues from there
-  metrics = train.train(train_config(num_train_steps=last_logged + 2), str(tmp_path))
+  metrics = loop.train(train_config(num_train_steps=last_logged + 2), str(tmp_path))
   assert max(read_losses(tmp_path)) == last_logged + 2 and np.isfinite(metrics["loss"])
 
 
@@ -125,18 +125,18 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path, monk
 
   monkeypatch.setattr(step_lib, "make_train_step", make_poisoned)
   with pytest.raises(FloatingPointError, match="non-finite loss nan at step 3"):
-    train.train(train_config(), str(tmp_path))
+    loop.train(train_config(), str(tmp_path))
   assert _checkpoint_steps(tmp_path) == [2]
   assert max(read_losses(tmp_path)) == 2  # the bad step was never logged either
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
-  train.train(train_config(num_train_steps=4), str(tmp_path))
+  loop.train(train_config(num_train_steps=4), str(tmp_path))
   assert _checkpoint_steps(tmp_path) == [2, 4]
   for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
-  train.train(train_config(num_train_steps=6), str(tmp_path))
+  loop.train(train_config(num_train_steps=6), str(tmp_path))
   err = capsys.readouterr().err
   assert "checkpoint at step 4 failed to restore" in err and "resumed from step 2" in err
   assert max(read_losses(tmp_path)) == 6
@@ -146,5 +146,5 @@ def test_bad_config_fails_before_anything_is_written(tmp_path):
   config = train_config()
   config.model.ffn.kind = "switch"
   with pytest.raises(ValueError, match="config.model.ffn.kind"):
-    train.train(config, str(tmp_path / "run"))
+    loop.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

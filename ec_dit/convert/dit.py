@@ -23,11 +23,9 @@ first that differs). Every tensor is checked by name and shape
 from __future__ import annotations
 
 import os
-import re
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from ec_dit import schema
 from ec_dit.convert import dit_moe as dit_moe_convert, mapping, pixart
@@ -58,11 +56,6 @@ def base_config(*, hidden: int, depth: int, heads: int, input_size: int, patch: 
   return config
 
 
-def _count(names, pattern: str) -> int:
-  found = {int(mt.group(1)) for n in names for mt in [re.match(pattern, n)] if mt}
-  return max(found) + 1 if found else 0
-
-
 def _facebook_config(sd: dict, num_heads: int | None) -> ml_collections.ConfigDict:
   try:
     w = sd["x_embedder.proj.weight"]
@@ -78,8 +71,9 @@ def _facebook_config(sd: dict, num_heads: int | None) -> ml_collections.ConfigDi
   heads = num_heads or DIT_HEADS.get(hidden)
   if heads is None:
     raise ValueError(f"hidden size {hidden} is not one of DiT's {sorted(DIT_HEADS)}: pass num_heads (--num_heads)")
-  return base_config(hidden=hidden, depth=_count(sd, r"blocks\.(\d+)\."), heads=heads, input_size=grid * patch,
-                     patch=patch, in_channels=c, num_classes=rows - 1, learn_sigma=out == 2 * c, mlp_ratio=mlp)
+  return base_config(hidden=hidden, depth=mapping.count_indexed(sd, r"blocks\.(\d+)\."), heads=heads,
+                     input_size=grid * patch, patch=patch, in_channels=c, num_classes=rows - 1,
+                     learn_sigma=out == 2 * c, mlp_ratio=mlp)
 
 
 def _map_facebook(sd: dict, config, origin: str) -> dict:
@@ -178,7 +172,4 @@ def load(path: str, *, num_heads: int | None = None, weights: str = "auto"):
   null class); `out` is DiT's output (diffusers' `.sample`) in NHWC.
   """
   params, config = convert(path, num_heads=num_heads, weights=weights)
-  model = dit_moe.abstract_model(config)
-  nnx.update(model, params)
-  model.eval()
-  return model, config
+  return mapping.with_weights(dit_moe.abstract_model(config), params), config

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import numpy as np
 
 from ec_dit import checkpoint, errors, torch_pickle
+from ec_dit.convert import mapping
 from ec_dit.convert.mapping import CheckpointMismatch  # noqa: F401 (also this module's public name)
 from ec_dit.model import dit_moe
 from ec_dit.training import optimizers
@@ -65,15 +65,11 @@ def _linear(sd, src, used, *, bias=True):
   return out
 
 
-def _count(sd, pattern: str) -> int:
-  found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
-  return max(found) + 1 if found else 0
-
-
 def _check_layout(sd, config):
   """Depth, experts per block and attention kind, checked first: their errors say what to change."""
   m = config.model
-  depth, experts = _count(sd, r"blocks\.(\d+)\."), _count(sd, r"blocks\.0\.moe\.experts\.(\d+)\.")
+  depth = mapping.count_indexed(sd, r"blocks\.(\d+)\.")
+  experts = mapping.count_indexed(sd, r"blocks\.0\.moe\.experts\.(\d+)\.")
   problems = []
   if depth != m.depth:
     problems.append(f"the checkpoint has {depth} blocks, config.model.depth={m.depth}")

@@ -9,14 +9,31 @@ source tensor.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
+from flax import nnx
 
 from ec_dit import errors
 
 
 class CheckpointMismatch(errors.CheckpointError):
   """The checkpoint does not fit the model its config describes; the message names the tensors."""
+
+
+def count_indexed(names, pattern: str) -> int:
+  r"""One more than the largest index `pattern`'s first group matches in `names` (a state dict's keys), else 0:
+  `count_indexed(sd, r"blocks\.(\d+)\.")` is the number of blocks."""
+  found = {int(m.group(1)) for n in names for m in [re.match(pattern, n)] if m}
+  return max(found) + 1 if found else 0
+
+
+def with_weights(model: nnx.Module, params) -> nnx.Module:
+  """`model` (an abstract one, from `nnx.eval_shape`) with the converted `params` put in, in eval mode."""
+  nnx.update(model, params)
+  model.eval()
+  return model
 
 
 def _show(names, n: int = 8) -> str:

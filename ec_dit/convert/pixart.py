@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from ec_dit import schema
 from ec_dit.convert import mapping
@@ -126,7 +125,4 @@ def load(path: str):
   diffusers' `.sample` in NHWC (noise, then the learned-sigma channels).
   """
   params, config = convert(path)
-  model = text_to_image.abstract_model(config)
-  nnx.update(model, params)
-  model.eval()
-  return model, config
+  return mapping.with_weights(text_to_image.abstract_model(config), params), config

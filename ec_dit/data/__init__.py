@@ -11,9 +11,9 @@ Modules: :mod:`~ec_dit.data.sources` (what ``config.input.source`` names),
 
 from ec_dit.data.pipeline import create_dataset, global_batch, iterator_restore_args, iterator_save_args
 from ec_dit.data.preprocess import Preprocess, center_crop_resize, load_image, to_rgb
-from ec_dit.data.sources import ImageCaptionFiles, check_source, make_source, validate_input
+from ec_dit.data.sources import ImageCaptionFiles, check_input_and_source, check_source, make_source
 from ec_dit.schema import input_defaults, parse_source
 
-__all__ = ["ImageCaptionFiles", "Preprocess", "center_crop_resize", "check_source", "create_dataset", "global_batch",
-           "input_defaults", "iterator_restore_args", "iterator_save_args", "load_image", "make_source",
-           "parse_source", "to_rgb", "validate_input"]
+__all__ = ["ImageCaptionFiles", "Preprocess", "center_crop_resize", "check_input_and_source", "check_source",
+           "create_dataset", "global_batch", "input_defaults", "iterator_restore_args", "iterator_save_args",
+           "load_image", "make_source", "parse_source", "to_rgb"]

@@ -52,7 +52,7 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
 
   Args:
     input_config: the ``config.input`` section (missing keys take
-      :func:`input_defaults`); validated with :func:`validate_input`.
+      :func:`input_defaults`); checked with :func:`sources.check_input_and_source`.
     batch_size: the global batch size; must be divisible by
       ``process_count``. Each process yields ``batch_size // process_count``.
     tokenize: ``caption -> (np.int32 [L], np.bool_ [L])`` (the text
@@ -86,7 +86,7 @@ def create_dataset(input_config, *, batch_size: int, tokenize: Tokenize | None, 
     Orbax checkpointing (:func:`iterator_save_args`).
   """
   c = schema.with_input_defaults(input_config)
-  sources.validate_input(c)
+  sources.check_input_and_source(c)
   if not schema.is_int(process_count) or process_count < 1:
     raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
   if not schema.is_int(process_index) or not 0 <= process_index < process_count:

@@ -66,7 +66,7 @@ def check_source(input_config) -> None:
     latents.check_shards(detail, latents.read_manifest(detail))  # every shard readable and shaped as the manifest
 
 
-def validate_input(input_config) -> None:
+def check_input_and_source(input_config) -> None:
   """Checks ``config.input`` before anything is built or compiled: the fields
   (``ec_dit.schema.validate_input``) and the files they name (:func:`check_source`).
   Raises ValueError naming the first bad field (``config.input.source: ...``)."""

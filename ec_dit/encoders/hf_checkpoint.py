@@ -78,6 +78,12 @@ def read_config(path: str | os.PathLike) -> dict:
     return json.load(f)
 
 
+def config_fields(config_cls, cfg: dict) -> dict:
+  """The entries of a parsed config.json that are fields of the dataclass `config_cls` (the rest are ignored)."""
+  fields = {f.name for f in dataclasses.fields(config_cls)}
+  return {k: v for k, v in cfg.items() if k in fields}
+
+
 def unsupported(field: str, value, allowed) -> CheckpointError:
   """The error for a config.json field this library does not implement."""
   return CheckpointError(f"config.json: unsupported architecture field {field}={value!r} (supported: {allowed})")
@@ -241,6 +247,23 @@ def load_module(abstract_module: nnx.Module, sources: dict[str, Source], reader:
   for path, var in nnx.to_flat_state(state):
     var.set_value(values[_path_str(path)])
   return nnx.merge(graphdef, state)
+
+
+def load_pretrained(module_cls, config_cls, path: str | os.PathLike, *, subfolder: str, stems: Sequence[str],
+                    sources: Callable[[nnx.Module], dict[str, Source]],
+                    ignore: Callable[[str], bool] = lambda name: False, dtype, param_dtype, mesh: Mesh | None,
+                    rules) -> nnx.Module:
+  """`module_cls(config, ...)` with a local folder's weights (`from_pretrained` of the encoders).
+
+  The folder (or its pipeline's `subfolder`) gives `config_cls.from_dict(config.json)` and the
+  weights of one of `stems` (`open_weights`); `sources(abstract module)` names each parameter's
+  tensor, and `load_module` reads them (`ignore`: checkpoint tensors left unread on purpose).
+  """
+  folder = model_folder(path, subfolder)
+  config = config_cls.from_dict(read_config(folder))
+  reader = open_weights(folder, stems)
+  abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+  return load_module(abstract, sources(abstract), reader, ignore=ignore, mesh=mesh, rules=rules)
 
 
 def _read(reader: Reader, name: str, perm, var: nnx.Variable, mesh: Mesh | None, rules) -> jax.Array:

@@ -64,8 +64,7 @@ class T5Config:
     if not (len(parts) == 1 and parts[0] in _ACTIVATIONS or
             len(parts) == 2 and parts[0] == "gated" and parts[1] in _ACTIVATIONS):
       raise hf.unsupported("feed_forward_proj", proj, "relu, gelu, silu, or gated-<one of those>")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.items() if k in fields})
+    return cls(**hf.config_fields(cls, cfg))
 
   @classmethod
   def v1_1(cls, size: str) -> "T5Config":
@@ -204,12 +203,9 @@ class T5Encoder(nnx.Module):
     folder loads from its `text_encoder/`. With `mesh`, each parameter is read
     straight into its sharding by `rules`.
     """
-    folder = hf.model_folder(path, "text_encoder")
-    config = T5Config.from_dict(hf.read_config(folder))
-    reader = hf.open_weights(folder, ("model",))
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return hf.load_module(abstract, checkpoint_sources(config), reader, ignore=_not_encoder, mesh=mesh,
-                          rules=rules)
+    return hf.load_pretrained(cls, T5Config, path, subfolder="text_encoder", stems=("model",),
+                              sources=lambda abstract: checkpoint_sources(abstract.config), ignore=_not_encoder,
+                              dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
 
 
 def _not_encoder(name: str) -> bool:

@@ -59,8 +59,7 @@ class VAEConfig:
     for field, value, allowed in checks:
       if value not in allowed:
         raise hf.unsupported(field, value, allowed)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in cfg.items() if k in fields}
+    kwargs = hf.config_fields(cls, cfg)
     kwargs["block_out_channels"] = tuple(kwargs.get("block_out_channels", cls.block_out_channels))
     return cls(**kwargs)
 
@@ -263,11 +262,8 @@ class AutoencoderKL(nnx.Module):
     The folder may also be a pipeline's `vae/` subfolder. Old (`query`, `key`,
     `value`, `proj_attn`) and new (`to_q`, ..., `to_out.0`) attention names both load.
     """
-    folder = hf.model_folder(path, "vae")
-    config = VAEConfig.from_dict(hf.read_config(folder))
-    reader = hf.open_weights(folder, ("diffusion_pytorch_model", "model"))
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return hf.load_module(abstract, checkpoint_sources(abstract), reader, mesh=mesh, rules=rules)
+    return hf.load_pretrained(cls, VAEConfig, path, subfolder="vae", stems=("diffusion_pytorch_model", "model"),
+                              sources=checkpoint_sources, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
 
 
 def _latents(vae: AutoencoderKL, images, key):

@@ -30,26 +30,27 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
-from ec_dit import primitives, schema
+from ec_dit import primitives
 from ec_dit.model import attention, embeddings
 from ec_dit.moe import layers as moe_layers
 
-# Activation checkpointing per block: name (schema.REMAT_POLICIES) -> jax.checkpoint policy (None = no remat).
-REMAT_POLICIES = {
+# Activation checkpointing per block: `model.remat_policy` (one of `schema.REMAT_POLICIES`) -> its
+# jax.checkpoint policy (None = no remat).
+REMAT_POLICY_OF = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
-# What the network's last layer predicts. The model always *returns* the velocity
-# eps - x0 (the rectified-flow target), so losses and samplers never change.
+# What the network's last layer predicts (`model.prediction`, one of `schema.PREDICTIONS`). The
+# model always *returns* the velocity eps - x0 (the rectified-flow target), so losses and samplers
+# never change.
 #   velocity: the output is the velocity (EC-DiT, SD3).
 #   x0: the output is the clean image and v = (x_t - x0) / t (JiT, Li & He 2025,
 #       "Back to Basics: Let Denoising Generative Models Denoise"). In pixel space the
 #       clean image is far simpler to produce than the noise-laden velocity, which a
 #       small transformer otherwise has to carry through every block.
-PREDICTIONS = schema.PREDICTIONS
 X0_MIN_T = 0.05  # x0 mode: t in the denominator is clipped here (JiT clips alike)
 VAE_SCALE = 8  # micro-conditions: latent pixels -> image pixels (SD VAE), for the default resolution
 
@@ -94,11 +95,8 @@ class DiTBlock(nnx.Module):
   def __init__(self, index: int, model_config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     d = model_config.hidden_size
     self.decoupled_routing = bool(model_config.ffn.decoupled_routing)
-    if model_config.conditioning == "adaln_single":  # PixArt-alpha: c is already t_block's [B, 6d]
-      self.adaln, self.scale_shift_table = None, _table(rngs, 6, d)
-    else:
-      self.adaln = primitives.Linear(d, 6 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
-                                     rngs=rngs, dtype=dtype)
+    # adaln_single (PixArt-alpha): c is already t_block's [B, 6d]
+    _init_modulation(self, 6, d, model_config.conditioning == "adaln_single", rngs, dtype)
     self.attn = attention.SelfAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.cross_attn = attention.CrossAttention(d, model_config.num_heads, rngs=rngs, dtype=dtype)
     self.ffn = make_ffn(index, model_config, rngs=rngs, dtype=dtype)
@@ -116,6 +114,16 @@ class DiTBlock(nnx.Module):
     router_input = h if self.decoupled_routing else x
     y, diagnostics = self.ffn(primitives.modulate(h, shift2, scale2), router_input)
     return x + gate2[:, None] * y, diagnostics
+
+
+def _init_modulation(module: nnx.Module, rows: int, d: int, single: bool, rngs: nnx.Rngs, dtype) -> None:
+  """A block's `rows` x d adaLN modulation: with adaLN-single (PixArt-alpha) a learned `scale_shift_table` added
+  to the shared t_block's output and no `adaln`; otherwise its own zero-initialised `adaln` Linear (adaLN-Zero)."""
+  if single:
+    module.adaln, module.scale_shift_table = None, _table(rngs, rows, d)
+  else:
+    module.adaln = primitives.Linear(d, rows * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
+                                     rngs=rngs, dtype=dtype)
 
 
 def _table(rngs: nnx.Rngs, rows: int, d: int) -> nnx.Param:
@@ -151,11 +159,7 @@ class FinalLayer(nnx.Module):
 
   def __init__(self, d: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                single: bool = False):
-    if single:
-      self.adaln, self.scale_shift_table = None, _table(rngs, 2, d)
-    else:
-      self.adaln = primitives.Linear(d, 2 * d, ("embed", "modulation"), kernel_init=primitives.zeros_init,
-                                     rngs=rngs, dtype=dtype)
+    _init_modulation(self, 2, d, single, rngs, dtype)
     self.proj = primitives.Linear(d, patch_size * patch_size * out_channels, ("embed", "patch"),
                           kernel_init=primitives.zeros_init, rngs=rngs, dtype=dtype)
 
@@ -184,7 +188,7 @@ class DiT(nnx.Module):
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     m = ml_collections.FrozenConfigDict(model_config)
-    self.config = ml_collections.FrozenConfigDict(m)
+    self.config = m
     dtype = primitives.compute_dtype(m.dtype)
     d = m.hidden_size
     self.patch_embed = embeddings.PatchEmbed(m.patch_size, m.in_channels, d, rngs=rngs, dtype=dtype)
@@ -246,7 +250,7 @@ class DiT(nnx.Module):
     c_final = c
     if self.t_block is not None:  # adaLN-single: the blocks get t_block(silu(c)), the final layer c
       c = self.t_block(jax.nn.silu(c))
-    policy = REMAT_POLICIES[m.remat_policy]
+    policy = REMAT_POLICY_OF[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
     skips, n_skip = [], (len(self.skip_proj) if self.skip_proj is not None else 0)
     for i, (block, kv) in enumerate(zip(self.blocks, context_cache.kv)):

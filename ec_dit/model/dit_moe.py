@@ -230,7 +230,7 @@ class DiTMoE(nnx.Module):
       raise ValueError(f"DiT-MoE takes square inputs, got {height}x{width}")
     h = self.patch_embed(x) + jnp.asarray(dit_pos_embed(m.hidden_size, grid), self.dtype)
     c = self.t_embed(t) + self.y_embed(labels, drop_mask)
-    policy = dit.REMAT_POLICIES[m.remat_policy]
+    policy = dit.REMAT_POLICY_OF[m.remat_policy]
     moe, aux_loss = {}, jnp.zeros((), jnp.float32)
     for i, block in enumerate(self.blocks):
       if policy is not None:

@@ -47,8 +47,9 @@ class TextEncoder(nnx.Module):
     self.embed = primitives.param(rngs, nnx.initializers.normal(1.0), (vocab_size, width), ("vocab", "embed"))
     # Positions at the tokens' scale: word order is what binds an attribute to its noun
     # ("a red square and a blue circle" vs "a blue square and a red circle"). Positions
-    # initialised small (std 0.02, as in BERT, whose tokens are small too) were still 4%
-    # of a token's norm after a whole tiny run: the encoder was nearly a bag of words.
+    # initialised small (std 0.02, as in BERT, whose tokens are small too) stayed small
+    # through a whole tiny run: the encoder was nearly a bag of words (docs/tiny_recipe.md,
+    # "Previous text positions").
     self.pos = primitives.param(rngs, nnx.initializers.normal(1.0), (max_len, width), ("unmodeled", "embed"))
     self.layers = nnx.List([_EncoderLayer(width, num_heads, rngs=rngs, dtype=dtype) for _ in range(depth)])
     self.dtype = dtype

@@ -33,19 +33,16 @@ Two implementations of y[n] = MLP_{expert(n)}(x[n]), the expert MLP of each row:
               With experts sharded over devices the loop reads every expert's
               weights, so XLA gathers them: correct, but not expert-parallel.
 
-Why this shape (DiT-MoE-S/2 train step, 4096 rows, 8 experts, on a 2-core CPU;
-jax.profiler, experiments/benchmark_train.py): the first version padded each
-expert's rows into a [m, t, d] tiled layout and ran, per matmul, one
-`lax.scan` over all m = (n + e(t-1))/t tiles of 128 rows with `lax.cond`
+Why this shape: a first version padded each expert's rows into a [m, t, d]
+tiled layout and ran, per matmul, one `lax.scan` over all tiles with `lax.cond`
 skipping unused ones. Its tile matmuls ran at about expert choice's rate, but
 per tile it also copied the tile's expert weights out of the stack (XLA
 materialises a dynamic slice feeding a dot), read, added and wrote back that
 expert's slice of an [e, d, h] dW accumulator, and paid loop and copy
 overhead; around each MLP it zero-filled and scattered into tiles and gathered
-back; and it computed about e*t/2 padding rows (12%). The train step ran at
-1.2-1.4x expert choice's (capacity factor 2). Looping over experts, reading
-rows in place, mixing big and small tiles and fusing the MLP brought it to
-expert choice's time (docs/benchmarks.md).
+back; and it computed padding rows. Looping over experts, reading rows in
+place, mixing big and small tiles and fusing the MLP removed that overhead
+(the profile and the step times: docs/benchmarks.md, "Dropless tiles").
 
 `impl="auto"` (`resolve_impl`) picks ragged_dot on TPU and tiles on every other
 backend. Usage:
@@ -84,11 +81,9 @@ def tile_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
   of each smaller size (`_expert_tiles`), so most rows run in big matmuls while
   the rows computed for nothing (the last tile's overrun) stay below the
   smallest tile: about e*t/2 rows on average, n/16 (6%) at t = n/(8e). Within
-  [8, 1024]. Measured on this 2-core CPU at the DiT-MoE-S/2 shape (n = 4096,
-  e = 8; fwd+bwd of the three SwiGLU matmuls as separate tile loops, interleaved, medians of paired
-  ratios to expert choice's batched matmuls): (512, 256, 128, 64) 0.89x, a
-  single size of 128 1.05x (more loop trips and per-tile dW additions, smaller
-  matmuls), (512, 256, 128) 1.03x (twice the overrun).
+  [8, 1024]. These sizes beat a single size (more loop trips and per-tile dW
+  additions, smaller matmuls) and a smallest tile twice as large (twice the
+  overrun): docs/benchmarks.md, "Dropless tiles".
   """
   def pow2_at_most(x):
     return int(min(MAX_TILE, max(MIN_TILE, 1 << (max(1, x).bit_length() - 1))))

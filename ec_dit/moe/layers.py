@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ec_dit import primitives, schema, sharding
+from ec_dit import primitives, sharding
 from ec_dit.moe import dispatch as dispatch_lib
 from ec_dit.moe import grouped, routing
 
-ACTIVATIONS = schema.ACTIVATIONS
 _expert_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0,))
 _router_init = nnx.initializers.normal(stddev=0.02)
 
@@ -103,7 +102,7 @@ class Experts(nnx.Module):
     # Rows [E, G*C]: every matmul is a batched dot with ONE contracting dim. In
     # the 4-D form the weight gradients contract over (g, c) at once, and XLA
     # then transposes the [.., H]-wide activation gradients (fused with the
-    # SwiGLU backward, strided: ~15% of the layer's fwd+bwd on CPU) to merge them.
+    # SwiGLU backward, strided; docs/benchmarks.md, "MoE code paths") to merge them.
     x_end = jnp.swapaxes(x_gecd.astype(self.dtype), 0, 1).reshape(e, g * c, d)
     u_enh = jnp.einsum("end,edh->enh", x_end, self._w(self.wi)) + self._b(self.bi, (slice(None), None))
     g_enh = None if self.wg is None else jnp.einsum("end,edh->enh", x_end, self._w(self.wg))

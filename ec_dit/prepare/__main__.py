@@ -14,12 +14,10 @@ are one line on stderr with exit code 2 (`ec_dit.errors`).
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import command_line, distributed, errors, schema
+from ec_dit import command_line, errors, schema
 from ec_dit.data import sources
 from ec_dit.prepare import dataset
 
@@ -41,15 +39,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   """Runs `run`; expected failures (bad input, a resume that does not match, a full disk) are one line, exit 2."""
-  if errors.run_cli(run, argv):  # an expected failure, printed as one line
-    sys.exit(errors.EXIT_CODE)
+  command_line.run_main(run, argv)  # an expected failure: one line, exit code 2
 
 
 def run(argv):
   """Checks the flags and the source, then encodes (`ec_dit.prepare.dataset.prepare_dataset`)."""
-  if len(argv) > 1:
-    raise errors.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
   if not FLAGS.out:
     raise errors.UsageError("--out is required: the folder to write the shards and manifest.json to")
   config = FLAGS.config
@@ -59,10 +53,7 @@ def run(argv):
   if schema.parse_source(c.source)[0] == "latents":
     raise errors.UsageError(f"--source: prepare reads images and captions, not a prepared folder ({c.source!r})")
   sources.check_source(c)
-  try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    raise errors.UsageError(str(e)) from None
+  command_line.initialize_distributed()
   dataset.prepare_dataset(config, FLAGS.out, examples_per_shard=FLAGS.examples_per_shard,
                           min_image_size=FLAGS.min_image_size, max_shards=FLAGS.max_shards,
                           max_image_pixels=FLAGS.max_image_pixels)

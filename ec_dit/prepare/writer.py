@@ -24,7 +24,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -113,9 +113,6 @@ def write_shard(out: pathlib.Path, name: str, records: Sequence[bytes], sidecar:
     writer.write(r)
   writer.close()
   os.replace(tmp, out / name)
-
-
-EncodeFn = Callable[[list[Example]], tuple[list[bytes], int]]
 
 
 def encode_shard(examples: list[Example], encoders, batch_size: int) -> tuple[list[bytes], int]:

@@ -19,6 +19,6 @@ from ec_dit.schema.class_cond import (ARCHS, CLASS_OBJECTIVES, CLASS_SAMPLERS, c
 from ec_dit.schema.heldout import heldout_defaults, validate_heldout
 from ec_dit.schema.resume import (RESUME_SAFE_FIELDS, RESUME_STATE_FIELDS, config_differences, flatten,
                                   is_safe_field, is_state_field, split_differences)
-from ec_dit.schema.validation import (as_axes, check_paths, fail, is_int, missing_paths, parse_source, validate,
-                                      validate_input, validate_mesh,
-                                      validate_model, validate_training, with_input_defaults)
+from ec_dit.schema.checks import fail, is_int
+from ec_dit.schema.validation import (as_axes, check_paths, missing_paths, parse_source, validate, validate_input,
+                                      validate_mesh, validate_model, validate_training, with_input_defaults)

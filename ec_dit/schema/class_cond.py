@@ -15,10 +15,9 @@ Like the rest of `ec_dit.schema`, this module imports nothing else from `ec_dit`
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 import ml_collections
+
+from ec_dit.schema.checks import fail, is_int, is_number
 
 ARCHS = ("ec_dit", "dit_moe")
 CLASS_OBJECTIVES = ("ddpm", "rectified_flow")   # DiT's gaussian diffusion, DiT-MoE's rectified_flow.py
@@ -60,18 +59,6 @@ def class_diffusion_defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def _fail(field: str, allowed: str, got: Any):
-  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
-
-
-def _int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def validate_class_cond(config) -> None:
   """Checks `config.model.arch`, `config.model.class_cond` and `config.class_diffusion`.
 
@@ -80,60 +67,60 @@ def validate_class_cond(config) -> None:
   """
   m, c, d = config.model, config.model.class_cond, config.class_diffusion
   if m.arch not in ARCHS:
-    _fail("model.arch", f"one of {ARCHS}", m.arch)
-  if not _int(c.num_classes) or c.num_classes < 1:
-    _fail("model.class_cond.num_classes", "a positive integer", c.num_classes)
-  if not _real(c.class_dropout) or not 0.0 <= c.class_dropout < 1.0:
-    _fail("model.class_cond.class_dropout", "a number in [0, 1)", c.class_dropout)
+    fail("model.arch", f"one of {ARCHS}", m.arch)
+  if not is_int(c.num_classes) or c.num_classes < 1:
+    fail("model.class_cond.num_classes", "a positive integer", c.num_classes)
+  if not is_number(c.class_dropout) or not 0.0 <= c.class_dropout < 1.0:
+    fail("model.class_cond.class_dropout", "a number in [0, 1)", c.class_dropout)
   for name in ("learn_sigma", "qk_norm"):
     if not isinstance(c[name], bool):
-      _fail(f"model.class_cond.{name}", "True or False", c[name])
+      fail(f"model.class_cond.{name}", "True or False", c[name])
   if c.ffn_style not in FFN_STYLES:
-    _fail("model.class_cond.ffn_style", f"one of {FFN_STYLES}", c.ffn_style)
+    fail("model.class_cond.ffn_style", f"one of {FFN_STYLES}", c.ffn_style)
   if c.timestep_shift not in (0, 1) or isinstance(c.timestep_shift, bool):
-    _fail("model.class_cond.timestep_shift", "0 or 1", c.timestep_shift)
-  if not _real(c.mlp_norm_eps) or not 0 < c.mlp_norm_eps < 1:
-    _fail("model.class_cond.mlp_norm_eps", "a number in (0, 1)", c.mlp_norm_eps)
+    fail("model.class_cond.timestep_shift", "0 or 1", c.timestep_shift)
+  if not is_number(c.mlp_norm_eps) or not 0 < c.mlp_norm_eps < 1:
+    fail("model.class_cond.mlp_norm_eps", "a number in (0, 1)", c.mlp_norm_eps)
   if m.arch == "dit_moe" and c.ffn_style == "dit":
     f = m.ffn
     if f.kind not in DIT_FFN_KINDS:
-      _fail("model.ffn.kind", f"one of {DIT_FFN_KINDS} with class_cond.ffn_style='dit'", f.kind)
+      fail("model.ffn.kind", f"one of {DIT_FFN_KINDS} with class_cond.ffn_style='dit'", f.kind)
     if f.activation != "gelu":
-      _fail("model.ffn.activation", "'gelu' with class_cond.ffn_style='dit' (DiT's MLP)", f.activation)
+      fail("model.ffn.activation", "'gelu' with class_cond.ffn_style='dit' (DiT's MLP)", f.activation)
     if f.kind != "dense" and f.num_shared_experts:
-      _fail("model.ffn.num_shared_experts", "0 with class_cond.ffn_style='dit'", f.num_shared_experts)
+      fail("model.ffn.num_shared_experts", "0 with class_cond.ffn_style='dit'", f.num_shared_experts)
   elif m.arch == "dit_moe":
     f = m.ffn
     if f.kind not in DIT_MOE_FFN_KINDS:
-      _fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)
+      fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)
     if f.activation != "swiglu":
-      _fail("model.ffn.activation", "'swiglu' with model.arch='dit_moe' (its experts are SwiGLU)", f.activation)
+      fail("model.ffn.activation", "'swiglu' with model.arch='dit_moe' (its experts are SwiGLU)", f.activation)
     if f.moe_every != 1 or f.dense_first_n != 0:
-      _fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
-            (f.moe_every, f.dense_first_n))
+      fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
+           (f.moe_every, f.dense_first_n))
     if f.decoupled_routing:
-      _fail("model.ffn.decoupled_routing", "False with model.arch='dit_moe' (its gate sees the FFN input)",
-            f.decoupled_routing)
+      fail("model.ffn.decoupled_routing", "False with model.arch='dit_moe' (its gate sees the FFN input)",
+           f.decoupled_routing)
     if m.prediction != "velocity":
-      _fail("model.prediction", "'velocity' with model.arch='dit_moe' (the output is the raw network output)",
-            m.prediction)
+      fail("model.prediction", "'velocity' with model.arch='dit_moe' (the output is the raw network output)",
+           m.prediction)
   if d.objective not in CLASS_OBJECTIVES:
-    _fail("class_diffusion.objective", f"one of {CLASS_OBJECTIVES}", d.objective)
-  if not _int(d.num_timesteps) or d.num_timesteps < 2:
-    _fail("class_diffusion.num_timesteps", "an integer >= 2", d.num_timesteps)
-  if not (_real(d.beta_start) and _real(d.beta_end) and 0.0 < d.beta_start < d.beta_end < 1.0):
-    _fail("class_diffusion.beta_start", "0 < beta_start < beta_end < 1", (d.beta_start, d.beta_end))
+    fail("class_diffusion.objective", f"one of {CLASS_OBJECTIVES}", d.objective)
+  if not is_int(d.num_timesteps) or d.num_timesteps < 2:
+    fail("class_diffusion.num_timesteps", "an integer >= 2", d.num_timesteps)
+  if not (is_number(d.beta_start) and is_number(d.beta_end) and 0.0 < d.beta_start < d.beta_end < 1.0):
+    fail("class_diffusion.beta_start", "0 < beta_start < beta_end < 1", (d.beta_start, d.beta_end))
   allowed = CLASS_SAMPLERS[d.objective]
   if d.sampler not in allowed:
-    _fail("class_diffusion.sampler", f"one of {allowed} with objective={d.objective!r}", d.sampler)
+    fail("class_diffusion.sampler", f"one of {allowed} with objective={d.objective!r}", d.sampler)
   limit = d.num_timesteps if d.objective == "ddpm" else 10**6
-  if not _int(d.num_sampling_steps) or not 1 <= d.num_sampling_steps <= limit:
-    _fail("class_diffusion.num_sampling_steps", f"an integer in [1, {limit}]", d.num_sampling_steps)
-  if not _real(d.guidance_scale) or d.guidance_scale < 0:
-    _fail("class_diffusion.guidance_scale", "a number >= 0 (1 = no guidance)", d.guidance_scale)
-  if not _int(d.guidance_channels) or not 0 <= d.guidance_channels <= m.in_channels:
-    _fail("class_diffusion.guidance_channels", f"an integer in [0, model.in_channels={m.in_channels}] "
+  if not is_int(d.num_sampling_steps) or not 1 <= d.num_sampling_steps <= limit:
+    fail("class_diffusion.num_sampling_steps", f"an integer in [1, {limit}]", d.num_sampling_steps)
+  if not is_number(d.guidance_scale) or d.guidance_scale < 0:
+    fail("class_diffusion.guidance_scale", "a number >= 0 (1 = no guidance)", d.guidance_scale)
+  if not is_int(d.guidance_channels) or not 0 <= d.guidance_channels <= m.in_channels:
+    fail("class_diffusion.guidance_channels", f"an integer in [0, model.in_channels={m.in_channels}] "
           "(0 = all)", d.guidance_channels)
   labels = d.class_labels
-  if isinstance(labels, (str, bytes)) or not all(_int(y) and 0 <= y < c.num_classes for y in labels):
-    _fail("class_diffusion.class_labels", f"a list of integers in [0, num_classes={c.num_classes})", labels)
+  if isinstance(labels, (str, bytes)) or not all(is_int(y) and 0 <= y < c.num_classes for y in labels):
+    fail("class_diffusion.class_labels", f"a list of integers in [0, num_classes={c.num_classes})", labels)

@@ -6,10 +6,9 @@ The held-out loss itself is `ec_dit.training.heldout`. Like the rest of
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 import ml_collections
+
+from ec_dit.schema.checks import fail, is_int, is_number
 
 
 def heldout_defaults() -> ml_collections.ConfigDict:
@@ -30,22 +29,14 @@ def heldout_defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def _fail(field: str, allowed: str, got: Any):
-  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
-
-
-def _int_at_least(v, low: int) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
-
-
 def validate_heldout(config) -> None:
   """Checks `config.heldout`; raises ValueError naming the first bad field."""
   h = config.heldout
   for name, low in (("every_steps", 0), ("num_examples", 1), ("batch_size", 0), ("seed", 0)):
-    if not _int_at_least(h[name], low):
-      _fail(f"heldout.{name}", f"an integer >= {low}", h[name])
+    if not (is_int(h[name]) and h[name] >= low):
+      fail(f"heldout.{name}", f"an integer >= {low}", h[name])
   t = h.t_values
   ok = (not isinstance(t, (str, bytes)) and hasattr(t, "__len__") and len(t) > 0
-        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0.0 < v <= 1.0 for v in t))
+        and all(is_number(v) and 0.0 < v <= 1.0 for v in t))
   if not ok:
-    _fail("heldout.t_values", "a non-empty list of numbers in (0, 1]", t)
+    fail("heldout.t_values", "a non-empty list of numbers in (0, 1]", t)

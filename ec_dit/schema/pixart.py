@@ -8,20 +8,10 @@ PixArt-alpha is the text-to-image DiT with options (`config.model.conditioning`,
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 import ml_collections
 
+from ec_dit.schema.checks import fail, is_number
 from ec_dit.schema.defaults import CONDITIONINGS, DDPM_SAMPLERS, DDPM_TIMESTEPS, POSITIONS, paper_config
-
-
-def _fail(field: str, allowed: str, got: Any):
-  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
-
-
-def _real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 PIXART_RESOLUTIONS = (256, 512, 1024)  # PixArt-alpha XL/2's released image sizes (configs/pixart_alpha.py)
@@ -50,22 +40,22 @@ def pixart_alpha_config(resolution: int = 256) -> ml_collections.ConfigDict:
 def validate_pixart_options(m, prefix: str) -> None:
   """The PixArt-alpha options of the text-to-image DiT (conditioning, learned sigma, micro-conditions, positions)."""
   if m.conditioning not in CONDITIONINGS:
-    _fail(f"{prefix}.conditioning", f"one of {CONDITIONINGS}", m.conditioning)
+    fail(f"{prefix}.conditioning", f"one of {CONDITIONINGS}", m.conditioning)
   for name in ("learn_sigma", "micro_conditions"):
     if not isinstance(m[name], bool):
-      _fail(f"{prefix}.{name}", "True or False", m[name])
+      fail(f"{prefix}.{name}", "True or False", m[name])
   if m.learn_sigma and m.prediction != "epsilon":
-    _fail(f"{prefix}.learn_sigma", "False unless prediction='epsilon' (a learned variance is a DDPM output)",
+    fail(f"{prefix}.learn_sigma", "False unless prediction='epsilon' (a learned variance is a DDPM output)",
          m.learn_sigma)
   if m.micro_conditions and m.conditioning != "adaln_single":
-    _fail(f"{prefix}.micro_conditions", "False unless conditioning='adaln_single' (PixArt-alpha's)",
+    fail(f"{prefix}.micro_conditions", "False unless conditioning='adaln_single' (PixArt-alpha's)",
          m.micro_conditions)
   if m.micro_conditions and m.hidden_size % 3:
-    _fail(f"{prefix}.hidden_size", "divisible by 3 with micro_conditions (three d/3 embeddings)", m.hidden_size)
+    fail(f"{prefix}.hidden_size", "divisible by 3 with micro_conditions (three d/3 embeddings)", m.hidden_size)
   if m.positions not in POSITIONS:
-    _fail(f"{prefix}.positions", f"one of {POSITIONS}", m.positions)
-  if not _real(m.pos_interpolation_scale) or m.pos_interpolation_scale <= 0:
-    _fail(f"{prefix}.pos_interpolation_scale", "a number > 0", m.pos_interpolation_scale)
+    fail(f"{prefix}.positions", f"one of {POSITIONS}", m.positions)
+  if not is_number(m.pos_interpolation_scale) or m.pos_interpolation_scale <= 0:
+    fail(f"{prefix}.pos_interpolation_scale", "a number > 0", m.pos_interpolation_scale)
 
 
 def check_sampler(sample, prediction: str, flow_samplers) -> None:
@@ -73,9 +63,9 @@ def check_sampler(sample, prediction: str, flow_samplers) -> None:
   most DDPM_TIMESTEPS respaced steps."""
   if prediction != "epsilon":
     if sample.sampler not in flow_samplers:
-      _fail("sample.sampler", f"one of {flow_samplers}", sample.sampler)
+      fail("sample.sampler", f"one of {flow_samplers}", sample.sampler)
     return
   if sample.sampler not in DDPM_SAMPLERS:
-    _fail("sample.sampler", f"one of {DDPM_SAMPLERS} with model.prediction='epsilon'", sample.sampler)
+    fail("sample.sampler", f"one of {DDPM_SAMPLERS} with model.prediction='epsilon'", sample.sampler)
   if sample.num_steps > DDPM_TIMESTEPS:
-    _fail("sample.num_steps", f"at most {DDPM_TIMESTEPS} (respaced DDPM steps)", sample.num_steps)
+    fail("sample.num_steps", f"at most {DDPM_TIMESTEPS} (respaced DDPM steps)", sample.num_steps)

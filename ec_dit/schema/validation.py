@@ -9,7 +9,6 @@ config alone; whether the files a source names exist is checked by
 
 from __future__ import annotations
 
-import numbers
 import os
 import pathlib
 import re
@@ -17,17 +16,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from ec_dit.schema.checks import fail, is_int, is_number
 from ec_dit.schema.class_cond import validate_class_cond
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config, input_defaults)
 from ec_dit.schema.heldout import validate_heldout
 from ec_dit.schema.pixart import check_sampler, validate_pixart_options
-
-
-def fail(field: str, allowed: str, got: Any):
-  """Raises the ValueError every config check raises: `config.FIELD: must be ALLOWED, got GOT`."""
-  raise ValueError(f"config.{field}: must be {allowed}, got {got!r}")
 
 
 def _check_keys(config, schema, prefix=""):
@@ -114,15 +109,6 @@ def validate(config) -> None:
   validate_mesh(config.mesh)
 
 
-def is_int(v) -> bool:
-  """An integer (Python or numpy), not a bool: the check every config validator uses."""
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check_int(config, name: str, low: int, prefix: str = "") -> None:
   if not is_int(config[name]) or config[name] < low:
     fail(prefix + name, f"an integer >= {low}", config[name])
@@ -132,7 +118,7 @@ def _check_range(config, name: str, low: float, high: float, prefix: str = "", *
                  low_open: bool = False, high_open: bool = False) -> None:
   """A number in the interval [low, high] (either end open on request)."""
   v = config[name]
-  ok = _is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  ok = is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
   if not ok:
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     fail(prefix + name, f"a number in {interval}", v)

@@ -13,7 +13,7 @@ allocated, so a 97B model can be checked on a laptop with fake CPU devices:
 and prints XLA's per-device memory analysis (arguments, outputs, temporaries)
 as a table and one JSON line. Numbers come from the backend that compiles: on
 fake CPU devices they are the CPU compiler's buffer assignment, which is NOT a
-TPU's (XL at fsdp=2, expert=32: 37.7 GiB by the CPU compiler, 10.2 GiB by the TPU's).
+TPU's (for XL several times the TPU's: docs/scaling.md).
 For a TPU's figures use `--topology=NAME` (`ec_dit.tools.tpu_report`).
 """
 
