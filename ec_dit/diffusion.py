@@ -97,14 +97,23 @@ def guide(x: jax.Array, t, v_cond: jax.Array, v_uncond: jax.Array, guidance_scal
   return v_cond + (guidance_scale - 1.0) * (delta - (1.0 - guidance_parallel) * coef * x0)
 
 
-def _guided_velocity(model, cache: dit_lib.ContextCache, guidance_scale: float, guidance_parallel: float = 1.0):
-  """v(x, t) with classifier-free guidance; conditional and unconditional in one batch.
+def _recorded(record, aux, batch: int):
+  """`record(aux)` cut to its first `batch` rows (the conditional half of a guided batch); None without `record`."""
+  return None if record is None else jax.tree.map(lambda a: a[:batch], record(aux))
+
+
+def _guided_velocity(model, cache: dit_lib.ContextCache, guidance_scale: float, guidance_parallel: float = 1.0,
+                     record=None):
+  """(x, t) -> (v, recorded) with classifier-free guidance; conditional and unconditional in one batch.
 
   The unconditional half reuses the conditional text K/V with an all-False mask,
-  so the text is encoded once for both.
+  so the text is encoded once for both. `recorded` is `_recorded(record, aux, B)`.
   """
   if guidance_scale == 1.0:
-    return lambda x, t: model.dit(x, jnp.full((x.shape[0],), t), context_cache=cache)[0]
+    def unguided(x, t):
+      v, aux = model.dit(x, jnp.full((x.shape[0],), t), context_cache=cache)
+      return v, _recorded(record, aux, x.shape[0])
+    return unguided
   both = dit_lib.ContextCache(
       kv=jax.tree.map(lambda a: jnp.concatenate([a, a]), cache.kv),
       mask=jnp.concatenate([cache.mask, jnp.zeros_like(cache.mask)]),
@@ -112,28 +121,28 @@ def _guided_velocity(model, cache: dit_lib.ContextCache, guidance_scale: float, 
       pooled=None if cache.pooled is None else jnp.concatenate([cache.pooled, jnp.zeros_like(cache.pooled)]))
 
   def velocity(x, t):
-    v, _ = model.dit(jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t), context_cache=both)
+    v, aux = model.dit(jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t), context_cache=both)
     v_cond, v_uncond = jnp.split(v, 2)
-    return guide(x, t, v_cond, v_uncond, guidance_scale, guidance_parallel)
+    return guide(x, t, v_cond, v_uncond, guidance_scale, guidance_parallel), _recorded(record, aux, x.shape[0])
 
   return velocity
 
 
-def _uncached_velocity(model, tokens, mask, guidance_scale, guidance_parallel=1.0):
+def _uncached_velocity(model, tokens, mask, guidance_scale, guidance_parallel=1.0, record=None):
   """Reference path: re-encodes the text at every step (for testing the cache)."""
   def velocity(x, t):
     tt = jnp.full((x.shape[0],), t)
-    v_cond, _ = model(x, tt, tokens, mask)
+    v_cond, aux = model(x, tt, tokens, mask)
     if guidance_scale == 1.0:
-      return v_cond
+      return v_cond, _recorded(record, aux, x.shape[0])
     v_uncond, _ = model(x, tt, tokens, jnp.zeros_like(mask))
-    return guide(x, t, v_cond, v_uncond, guidance_scale, guidance_parallel)
+    return guide(x, t, v_cond, v_uncond, guidance_scale, guidance_parallel), _recorded(record, aux, x.shape[0])
   return velocity
 
 
 def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_shape, num_steps: int = 32,
            guidance_scale: float = 1.0, guidance_parallel: float = 1.0, sampler: str = "euler",
-           cache_text: bool = True) -> jax.Array:
+           cache_text: bool = True, record=None):
   """Generates images in [-1, 1] (float32 [B, H, W, C]) by stepping from t=1 (noise) to t=0.
 
   Args:
@@ -149,13 +158,17 @@ def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_s
     sampler: "euler" or "heun" (the ODE), or "ancestral": DDPM-style stochastic
       steps that re-draw part of the noise at every step (`ancestral_step`).
     cache_text: compute the text K/V once per run (Nucleus-Image) instead of every step.
+    record: optional `record(aux) -> pytree of [B, ...] arrays`, applied to the model's aux output
+      (`aux["moe"]`: the MoE diagnostics) at each step's first evaluation; the sampler keeps the
+      conditional prompts' rows. With it, `sample` returns (images, records), each leaf of records
+      stacked over the steps: [num_steps, B, ...]. The images are those of the same call without it.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
   if cache_text:
-    velocity = _guided_velocity(model, model.encode_prompt(tokens, mask), guidance_scale, guidance_parallel)
+    velocity = _guided_velocity(model, model.encode_prompt(tokens, mask), guidance_scale, guidance_parallel, record)
   else:
-    velocity = _uncached_velocity(model, tokens, mask, guidance_scale, guidance_parallel)
+    velocity = _uncached_velocity(model, tokens, mask, guidance_scale, guidance_parallel, record)
 
   def normal(k):  # one draw per image when keys are per image, so batching never changes an image
     if k.ndim == 0:
@@ -166,26 +179,30 @@ def sample(model, tokens: jax.Array, mask: jax.Array, key: jax.Array, *, image_s
   ts = jnp.linspace(1.0, 0.0, num_steps + 1)
 
   def euler_step(x, i):
-    return x + (ts[i + 1] - ts[i]) * velocity(x, ts[i]), None
+    dt = ts[i + 1] - ts[i]
+    v, recorded = velocity(x, ts[i])
+    return x + dt * v, recorded
 
   def heun_step(x, i):
     dt = ts[i + 1] - ts[i]
-    v1 = velocity(x, ts[i])
-    v2 = velocity(x + dt * v1, ts[i + 1])
-    return x + dt * 0.5 * (v1 + v2), None
+    v1, recorded = velocity(x, ts[i])
+    v2, _ = velocity(x + dt * v1, ts[i + 1])
+    return x + dt * 0.5 * (v1 + v2), recorded
 
   def ancestral(x, i):
     step_key = jax.vmap(jax.random.fold_in, (0, None))(key, i) if key.ndim else jax.random.fold_in(key, i)
-    return ancestral_step(x, velocity(x, ts[i]), ts[i], ts[i + 1], normal(step_key)), None
+    v, recorded = velocity(x, ts[i])
+    return ancestral_step(x, v, ts[i], ts[i + 1], normal(step_key)), recorded
 
   if sampler == "euler":
-    x, _ = jax.lax.scan(euler_step, x, jnp.arange(num_steps))
+    x, records = jax.lax.scan(euler_step, x, jnp.arange(num_steps))
   elif sampler == "ancestral":
-    x, _ = jax.lax.scan(ancestral, x, jnp.arange(num_steps))
+    x, records = jax.lax.scan(ancestral, x, jnp.arange(num_steps))
   else:  # Heun on every step but the last, which ends at t = 0 with an Euler step (as in EDM)
-    x, _ = jax.lax.scan(heun_step, x, jnp.arange(num_steps - 1))
-    x, _ = euler_step(x, num_steps - 1)
-  return x
+    x, records = jax.lax.scan(heun_step, x, jnp.arange(num_steps - 1))
+    x, last = euler_step(x, num_steps - 1)
+    records = jax.tree.map(lambda steps, a: jnp.concatenate([steps, a[None]]), records, last)
+  return x if record is None else (x, records)
 
 
 def ancestral_step(x: jax.Array, v: jax.Array, t, s, z: jax.Array) -> jax.Array:

@@ -24,12 +24,12 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import (checkpoint, command_line, configs, errors, host_memory, inference, inference_class, routing_maps,
-                    schema)
+from ec_dit import (checkpoint, command_line, configs, errors, evaluators, host_memory, inference, inference_class,
+                    routing_maps, schema)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
-from ec_dit.training import loop, workdir as workdir_lib
+from ec_dit.training import workdir as workdir_lib
 
 # Errors that carry a complete message for the user: printed as one line, exit code 2 (ec_dit.errors).
 USER_ERRORS = (errors.EcDitError, ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError,
@@ -150,9 +150,9 @@ def run(argv):
       _missing_run()
     configs.check_applies_to_run(FLAGS.workdir, config, FLAGS.mode)
   if FLAGS.mode == "train_and_evaluate":
-    loop.train_and_evaluate(config, FLAGS.workdir)
+    evaluators.train_and_evaluate(config, FLAGS.workdir)  # the loop with sample grids, routing maps, GenEval
   elif FLAGS.mode == "train":
-    loop.train(config, FLAGS.workdir)
+    evaluators.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     generate.evaluate_run(config, FLAGS.workdir, encoders_config=_encoders_given(config))
   elif FLAGS.mode == "sample" and configs.from_run(FLAGS.workdir).model.arch == "dit_moe":

@@ -10,7 +10,8 @@
     routing_maps.specialisation_figure(labels, counts)   # how often each expert is chosen per group
 
 Recording (`trace_routing`, `expert_specialisation`, ...) lives in
-`ec_dit.routing_trace` and is re-exported here. Figures are plain matplotlib
+`ec_dit.routing_trace`, the ShapesWorld prompt groups and object masks in
+`ec_dit.data.shapes_world_analysis`; both are re-exported here. Figures are plain matplotlib
 `Figure`s drawn with the Agg canvas (no pyplot state, no display needed); in a
 notebook, `display(fig)` shows them inline.
 """
@@ -26,8 +27,9 @@ from matplotlib.figure import Figure
 
 from ec_dit.images import prompt_stem, save_png, write_prompt_sidecar
 from ec_dit.inference import TextToImagePipeline, sampler_settings
-from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation, object_tokens,  # noqa: F401
-                                       shapes_world_groups, specialisation_counts, trace_routing, foreground)
+from ec_dit.data.shapes_world_analysis import foreground, object_tokens, shapes_world_groups  # noqa: F401
+from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation,  # noqa: F401
+                                  specialisation_counts, trace_routing)
 
 NUM_SHOWN_STEPS = 4  # denoising steps shown by default: evenly spaced from the first to the last
 

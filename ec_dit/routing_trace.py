@@ -1,9 +1,10 @@
 """Recording what the router does while sampling: the data behind `ec_dit.routing_maps`.
 
-The sampler is re-run step by step (same noise as `TextToImagePipeline.generate`,
-same guidance), recording each MoE layer's diagnostics for the conditional half of
-the guided batch: `experts_per_token` [B, S] (expert choice: 0 to E; token choice: k,
-recorded plus the shared experts) and `expert_choices` [B, S, E].
+A trace runs the sampler of `TextToImagePipeline.generate` (`ec_dit.diffusion.sample`:
+same noise, same guidance, same steps) with its `record` hook, which returns each MoE
+layer's diagnostics at every step for the conditional half of the guided batch:
+`experts_per_token` [B, S] (expert choice: 0 to E; token choice: k, recorded plus the
+shared experts) and `expert_choices` [B, S, E].
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import numpy as np
 from flax import nnx
 
 from ec_dit import diffusion
-from ec_dit.data.shapes_world import BACKGROUND, COLOR_NAMES
-from ec_dit.inference import TextToImagePipeline
-from ec_dit.vocabulary import SHAPES, with_article
+from ec_dit.data.shapes_world_analysis import object_tokens
+from ec_dit.inference import TextToImagePipeline, base_key
 
 
 @dataclasses.dataclass
@@ -48,38 +48,27 @@ class RoutingTrace:
     return sorted(self.experts_per_token)
 
 
-def _routing_fns(pipe: TextToImagePipeline, guidance_scale: float, guidance_parallel: float):
-  """Jitted (encode, velocity-with-diagnostics), cached on the pipeline per guidance setting."""
-  cache = pipe.__dict__.setdefault("_routing_fns", {})
-  key = (guidance_scale, guidance_parallel)
-  if key in cache:
-    return cache[key]
-  graphdef = pipe._graphdef  # the pipeline's model, in eval mode (evaluation capacity factor)
+def routing_record(aux) -> dict[str, dict[str, jax.Array]]:
+  """`diffusion.sample`'s `record` hook for a trace: layer -> {experts_per_token [B, S], expert_choices uint8
+  [B, S, E]} from a model evaluation's MoE diagnostics (`aux["moe"]`)."""
+  return {name: {"experts_per_token": d["experts_per_token"], "expert_choices": d["expert_choices"].astype(jnp.uint8)}
+          for name, d in aux["moe"].items()}
 
-  @jax.jit
-  def encode(params, tokens, mask):
-    return nnx.merge(graphdef, params).encode_prompt(tokens, mask)
 
-  @jax.jit
-  def velocity(params, context, x, t):
-    model = nnx.merge(graphdef, params)
-    b = x.shape[0]
-    if guidance_scale == 1.0:
-      v, aux = model.dit(x, jnp.full((b,), t), context_cache=context)
-    else:  # conditional and unconditional in one batch, as diffusion.sample does
-      both = context._replace(
-          kv=jax.tree.map(lambda a: jnp.concatenate([a, a]), context.kv),
-          mask=jnp.concatenate([context.mask, jnp.zeros_like(context.mask)]),
-          pooled=None if context.pooled is None else jnp.concatenate([context.pooled,
-                                                                      jnp.zeros_like(context.pooled)]))
-      v2, aux = model.dit(jnp.concatenate([x, x]), jnp.full((2 * b,), t), context_cache=both)
-      v_cond, v_uncond = jnp.split(v2, 2)
-      v = diffusion.guide(x, t, v_cond, v_uncond, guidance_scale, guidance_parallel)
-    diag = {name: {k: d[k][:b] for k in ("experts_per_token", "expert_choices")}
-            for name, d in aux["moe"].items()}
-    return v, diag
+def _recording_sampler(pipe: TextToImagePipeline, num_steps: int, guidance_scale: float, guidance_parallel: float,
+                       sampler: str):
+  """`diffusion.sample` with `record=routing_record`, jitted once per pipeline and sampler setting."""
+  cache = pipe.__dict__.setdefault("_recording_samplers", {})
+  key = (num_steps, guidance_scale, guidance_parallel, sampler)
+  if key not in cache:
+    graphdef = pipe._graphdef  # the pipeline's model, in eval mode (evaluation capacity factor)
 
-  cache[key] = (encode, velocity)
+    @jax.jit
+    def run(params, tokens, mask, keys):
+      return diffusion.sample(nnx.merge(graphdef, params), tokens, mask, keys, image_shape=pipe.image_shape,
+                              num_steps=num_steps, guidance_scale=guidance_scale,
+                              guidance_parallel=guidance_parallel, sampler=sampler, record=routing_record)
+    cache[key] = run
   return cache[key]
 
 
@@ -88,8 +77,9 @@ def trace_routing(pipe: TextToImagePipeline, prompts: Sequence[str] | str, *, se
                   guidance_parallel: float | None = None, sampler: str | None = None) -> RoutingTrace:
   """Samples `prompts` (one image each) and records every MoE layer's routing at every step.
 
-  The noise is `pipe.generate`'s (image 0 of prompt i from (seed, i)), so the images
-  match it. Sampler settings left None come from the run's `config.sample`.
+  The noise is `pipe.generate`'s (image 0 of prompt i from (seed, i)) and the sampler
+  is the same, so the images match it. Sampler settings left None come from the run's
+  `config.sample`.
   """
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   s, f = pipe.config.sample, pipe.config.model.ffn
@@ -97,40 +87,19 @@ def trace_routing(pipe: TextToImagePipeline, prompts: Sequence[str] | str, *, se
   scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
   parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
   sampler = sampler or s.sampler
-  encode, velocity = _routing_fns(pipe, scale, parallel)
   tokens, mask = pipe.encode_prompts(list(prompts))
-  context = encode(pipe.params, jnp.asarray(tokens), jnp.asarray(mask))
-  keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), 0)
-                    for i in range(len(prompts))])
-  normal = jax.vmap(lambda k: jax.random.normal(k, pipe.image_shape, jnp.float32))
-  x = normal(keys)
-  ts = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float32)
-  records = []
-  for i in range(num_steps):
-    t, t_next = float(ts[i]), float(ts[i + 1])
-    v, diag = velocity(pipe.params, context, x, t)
-    records.append(jax.device_get(diag))
-    if sampler == "ancestral":
-      z = normal(jax.vmap(jax.random.fold_in, (0, None))(keys, i))
-      x = diffusion.ancestral_step(x, v, t, t_next, z)
-    elif sampler == "heun" and i < num_steps - 1:
-      x_euler = x + (t_next - t) * v
-      x = x + (t_next - t) * 0.5 * (v + velocity(pipe.params, context, x_euler, t_next)[0])
-    else:
-      x = x + (t_next - t) * v
+  root = base_key(seed)
+  keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(root, i), 0) for i in range(len(prompts))])
+  run = _recording_sampler(pipe, num_steps, scale, parallel, sampler)
+  samples, records = run(pipe.params, jnp.asarray(tokens), jnp.asarray(mask), keys)
+  records = jax.device_get(records)
   shared = f.num_shared_experts if f.kind == "token_choice" else 0
-  layers = sorted(records[0]) if records else []
-  stack = lambda name, key, dtype: np.stack([np.asarray(r[name][key]).astype(dtype) for r in records])
   return RoutingTrace(
-      prompts=prompts, images=pipe.to_images(x), ts=ts[:num_steps],
-      experts_per_token={n: stack(n, "experts_per_token", np.float32) + shared for n in layers},
-      expert_choices={n: stack(n, "expert_choices", np.uint8) for n in layers},
+      prompts=prompts, images=pipe.to_images(samples),
+      ts=np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float32)[:num_steps],
+      experts_per_token={n: np.asarray(r["experts_per_token"], np.float32) + shared for n, r in records.items()},
+      expert_choices={n: np.asarray(r["expert_choices"], np.uint8) for n, r in records.items()},
       kind=f.kind, num_experts=f.num_experts, patch_size=pipe.config.model.patch_size)
-
-
-def foreground(image: np.ndarray) -> np.ndarray:
-  """1 where a pixel differs from ShapesWorld's grey background (for the objects' outlines)."""
-  return (np.max(np.abs(image[..., :3].astype(np.int32) - np.array(BACKGROUND)), axis=-1) > 40).astype(float)
 
 
 REGIONS = ("all", "objects", "background")
@@ -146,14 +115,6 @@ def specialisation_counts(model, x_t, t, tokens, mask, groups: Sequence[int], nu
   onehot = np.eye(num_groups, dtype=np.float32)[np.asarray(groups)]  # [B, G]
   return {name: onehot.T @ np.asarray(d["expert_choices"], np.float32).sum(axis=1)
           for name, d in aux["moe"].items()}
-
-
-def object_tokens(images: np.ndarray, patch_size: int) -> np.ndarray:
-  """[B, S] 1 for tokens whose patch holds any object pixel (ShapesWorld: not the grey background)."""
-  fg = np.stack([foreground(im) for im in images])
-  b, h, w = fg.shape
-  patches = fg.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size)
-  return (patches.max(axis=(2, 4)) > 0).reshape(b, -1).astype(np.float32)
 
 
 def expert_specialisation(pipe: TextToImagePipeline, grouped_prompts: Mapping[str, Sequence[str]], *,
@@ -187,14 +148,3 @@ def expert_specialisation(pipe: TextToImagePipeline, grouped_prompts: Mapping[st
     per_image = np.einsum("nbse,bs->be", choices[steps].astype(np.float32), weight)
     counts[name] = onehot.T @ per_image
   return labels, counts
-
-
-def shapes_world_groups(by: str = "shape") -> dict[str, list[str]]:
-  """ShapesWorld single-object prompts "a photo of a {colour} {shape}", grouped by shape or by colour."""
-  if by not in ("shape", "color"):
-    raise ValueError(f"by must be 'shape' or 'color', got {by!r}")
-  groups: dict[str, list[str]] = {}
-  for shape in SHAPES:
-    for colour in COLOR_NAMES:
-      groups.setdefault(shape if by == "shape" else colour, []).append(f"a photo of {with_article(colour)} {shape}")
-  return groups

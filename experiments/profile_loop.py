@@ -2,7 +2,7 @@
 
     python experiments/profile_loop.py --steps 150          # JSON line: ms per step in each part
 
-Runs `ec_dit.training.loop.train` (the CLI's loop: input pipeline, transfers, NaN checks, logging,
+Runs `ec_dit.evaluators.train` (the CLI's loop: input pipeline, transfers, NaN checks, logging,
 checkpoints; sample grids off) for `--steps` steps in a temporary workdir, and records per step, on the host:
   input     waiting in `next(data_iter)` for the input pipeline's next batch
   transfer  `global_batch` (the batch onto the devices)
@@ -25,9 +25,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ec_dit import configs, host_memory  # noqa: E402
+from ec_dit import configs, evaluators, host_memory  # noqa: E402
 from ec_dit.data import pipeline as data_pipeline  # noqa: E402
-from ec_dit.training import arch, loop, metrics as metrics_lib  # noqa: E402
+from ec_dit.training import arch, metrics as metrics_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    loop.train(config, workdir, list_outputs=False)
+    evaluators.train(config, workdir, list_outputs=False)
     total = time.perf_counter() - t0
   skip = 5
   interval = statistics.mean(b - a for a, b in zip(ends[skip:], ends[skip + 1:]))

@@ -36,7 +36,7 @@ SLOW_FILES = ("test_multihost.py", "test_latent_demo.py", "test_reliability.py",
               "test_dit_moe_sharding.py", "test_text_and_sampling.py", "test_model.py", "test_dit_moe_training.py",
               "test_untrusted_files.py", "test_untrusted_data.py", "test_run_outputs.py",
               "test_readme.py", "test_moe_layers.py", "test_grouped.py", "test_routing_maps.py", "test_notebook.py",
-              "test_heldout.py")
+              "test_heldout.py", "test_routing_trace.py")
 
 
 def pytest_collection_modifyitems(config, items):

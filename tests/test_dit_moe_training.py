@@ -15,7 +15,7 @@ import pytest
 
 from PIL import Image
 
-from ec_dit import checkpoint
+from ec_dit import checkpoint, evaluators
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
 from ec_dit.data import latents, pipeline as data_pipeline
 from ec_dit.inference_class import sample_to_files
@@ -62,7 +62,7 @@ def test_converted_run_continues_training_from_prepared_latents_then_samples(pre
   run = _convert(tmp_path)
   # the converter's config has another source and batch size: fine for a checkpoint without a data iterator
   config = class_config(input__source=f"latents:{folder}")
-  result = loop.train_and_evaluate(config, str(run))
+  result = evaluators.train_and_evaluate(config, str(run))
   err = capsys.readouterr().err
   assert "holds no data iterator" in err and "resumed from step 0" in err and "no GenEval" in err
   assert np.isfinite(result["loss"]) and result["vb"] > 0 and result["aux_loss"] > 0

@@ -164,6 +164,26 @@ def test_the_graph_sees_real_edges():
   assert "ec_dit.moe" in graph["ec_dit.model.dit"]  # a package's __init__ runs when a submodule is imported
 
 
+# Training drives no sampling pipeline, figure or evaluation: `ec_dit.evaluators` builds those jobs (sample grids,
+# routing maps, GenEval) and passes them into the loop as callables.
+NOT_IMPORTED_BY_TRAINING = ("ec_dit.inference", "ec_dit.inference_class", "ec_dit.routing_maps", "ec_dit.routing_trace",
+                            "ec_dit.geneval")
+
+
+def _sampling_or_evaluation_imports(module: str) -> list[str]:
+  return [f"{module}:{line} imports {target}" for target, _, line in _imports(module)
+          if any(target == name or target.startswith(name + ".") for name in NOT_IMPORTED_BY_TRAINING)]
+
+
+def test_training_imports_no_sampling_pipeline_routing_maps_or_geneval():
+  training = [m for m in MODULES if m == "ec_dit.training" or m.startswith("ec_dit.training.")]
+  assert "ec_dit.training.loop" in training
+  bad = [line for m in training for line in _sampling_or_evaluation_imports(m)]
+  assert not bad, "\n".join(bad)
+  # the check sees such imports where they belong: the evaluators hand them to the loop
+  assert len(_sampling_or_evaluation_imports("ec_dit.evaluators")) >= 3
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_stay_small(module):
   lines = len(MODULES[module].read_text().splitlines())

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ec_dit import configs
+from ec_dit import configs, evaluators
 from ec_dit.training import loop, report
 from dit_moe_fixtures import class_config
 from helpers import REPO, train_config
@@ -25,7 +25,7 @@ def run(tmp_path_factory):
   config = train_config(num_train_steps=20, eval_every_steps=1000, checkpoint_every_steps=10, log_every_steps=5)
   err = io.StringIO()
   with contextlib.redirect_stderr(err):
-    loop.train_and_evaluate(config, str(workdir))
+    evaluators.train_and_evaluate(config, str(workdir))
   return workdir, config, err.getvalue()
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ec_dit import inference
+from ec_dit import evaluators, inference
 from ec_dit.training import loop, step as step_lib
 from helpers import REPO, read_losses, train_config
 
@@ -43,7 +43,7 @@ def _checkpoint_steps(workdir):
 
 def test_end_to_end_train_and_evaluate(tmp_path, capsys):
   config = train_config(eval_every_steps=3)
-  scores = loop.train_and_evaluate(config, str(tmp_path))
+  scores = evaluators.train_and_evaluate(config, str(tmp_path))
   losses = read_losses(tmp_path)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
   row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])

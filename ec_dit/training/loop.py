@@ -3,10 +3,12 @@
 The loop reads top to bottom in lifecycle order: checks (config, workdir lock,
 config against the checkpoints'), input, mesh, model and optimizer, checkpoint
 (resume), and only then writes (config.json, metrics); then the train step and
-the loop (with sample grids, and SIGTERM / SIGINT agreed across processes), and, in `train_and_evaluate`, the final
-GenEval-style scoring. The training state is a pure pytree of arrays (see
-`ec_dit.training.state`), so a resumed run's losses equal an uninterrupted
-run's bit for bit.
+the loop (with the periodic jobs it is given, and SIGTERM / SIGINT agreed across
+processes), and, in `train_and_evaluate`, the evaluation it is given. The loop
+imports no sampling pipeline, figure or evaluation: `ec_dit.evaluators` builds
+those jobs (sample grids, routing maps, GenEval) and passes them in. The training
+state is a pure pytree of arrays (see `ec_dit.training.state`), so a resumed run's
+losses equal an uninterrupted run's bit for bit.
 """
 
 from __future__ import annotations
@@ -15,44 +17,29 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
 
-from ec_dit import checkpoint, images as images_lib, routing_maps, schema, sharding, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, schema, sharding, tokenizer as tokenizer_lib
 from ec_dit.data import latents, pipeline as data_pipeline, sources
-from ec_dit.geneval import generate
-from ec_dit.inference import TextToImagePipeline
-from ec_dit.model import abstract_params, is_class_cond
+from ec_dit.model import abstract_params, is_class_cond  # noqa: F401 - abstract_params re-exported
 from ec_dit.training import (arch, heldout as heldout_lib, metrics as metrics_lib, optimizers,
                              preemption as preemption_lib, report as report_lib, step as step_lib,
                              workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
-# Sample grids
-
-GRID_IMAGES_PER_PROMPT = 4
+# Periodic jobs
 
 
-def sample_grid_pipeline(config):
-  """The pipeline for the periodic sample grids: built once per run, so the sampler compiles once."""
-  params = abstract_params(config)  # replaced by the EMA weights before every use
-  return TextToImagePipeline(config, params, batch_size=len(config.sample.prompts) * GRID_IMAGES_PER_PROMPT)
+class PeriodicJob(Protocol):
+  """A job the loop runs on process 0 at every `config.eval_every_steps` and at the last step, after the
+  step's checkpoint save has started: sample grids, routing maps (`ec_dit.evaluators.periodic_jobs`)."""
 
-
-def write_sample_grid(config, pipe, ema, workdir: str, step: int, writer) -> str:
-  """Samples the config's fixed prompts with the EMA weights and writes a PNG grid."""
-  n = GRID_IMAGES_PER_PROMPT
-  pipe.params = ema
-  images = pipe.generate(list(config.sample.prompts), num_images_per_prompt=n, seed=config.sample.seed)
-  grid = images_lib.make_grid(list(images), cols=n)
-  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  images_lib.save_png(grid, path)
-  writer.write_image(step, "samples", grid)
-  return path
+  def __call__(self, step: int, params: Any, workdir: str, writer: metrics_lib.MetricsWriter) -> Any:
+    """`params` are the EMA weights (a pure dict); `writer` takes TensorBoard images (`write_image`)."""
 
 
 # ----------------------------------------------------------------------------
@@ -112,7 +99,7 @@ def _finish_saves(manager, workdir, pending) -> None:
     raise checkpoint.save_error(workdir, pending, e) from None
 
 
-def train(config, workdir: str, *, list_outputs: bool = True) -> dict[str, Any]:
+def train(config, workdir: str, *, list_outputs: bool = True, jobs: Sequence[PeriodicJob] = ()) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in workdir). Returns the last metrics.
 
   Before anything is written: the config is validated, the workdir locked
@@ -123,7 +110,8 @@ def train(config, workdir: str, *, list_outputs: bool = True) -> dict[str, Any]:
   (the run saved a checkpoint at the current step and stopped early).
   A workdir this call created is removed again when the start fails before
   anything was written into it. At the end, `list_outputs` prints the "wrote"
-  block (`report.wrote_block`) to stderr.
+  block (`report.wrote_block`) to stderr. `jobs` run at every eval step and the
+  last (`PeriodicJob`; `ec_dit.evaluators.train` passes the sample grids and routing maps).
   """
   schema.validate(config)
   sources.check_source(config.input)
@@ -134,7 +122,7 @@ def train(config, workdir: str, *, list_outputs: bool = True) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     lock = _lock(workdir, is_main, report)
     try:
-      result = _train(config, workdir, preemption, report)
+      result = _train(config, workdir, preemption, report, jobs)
     except BaseException:
       if lock is not None:
         lock.release()
@@ -156,7 +144,7 @@ def _remove_if_empty(workdir: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _train(config, workdir, preemption, report) -> dict[str, Any]:
+def _train(config, workdir, preemption, report, jobs) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   # -- Checks: the config against the checkpoints' ------------------------
   workdir_lib.check_config(workdir, config, report)
@@ -199,7 +187,7 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
-  grid_pipe, pending, bad_total, unchecked = None, None, 0, None
+  pending, bad_total, unchecked = None, 0, None
   skip_bad = config.input.skip_bad_examples
   progress = metrics_lib.progress_bar(config.num_train_steps, start, enabled=is_main)
   t_last, steps_since = time.time(), 0
@@ -263,10 +251,9 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
       break
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       pending = _save(manager, workdir, step, state, ema, data_iter, pending)
-    if grid_due and is_main and not is_class_cond(config):
-      grid_pipe = grid_pipe or sample_grid_pipeline(config)
-      write_sample_grid(config, grid_pipe, ema, workdir, step, writer)
-      routing_maps.write_training_routing_maps(config, ema, workdir, step, writer, pipe=grid_pipe)
+    if grid_due and is_main:
+      for job in jobs:
+        job(step, ema, workdir, writer)
   progress.close()
   _finish_saves(manager, workdir, pending)
   manager.close()
@@ -280,24 +267,21 @@ def _train(config, workdir, preemption, report) -> dict[str, Any]:
   return result
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains, then generates the GenEval-style prompt set and prints the score table (text-to-image runs;
-  a class-conditional run only trains: GenEval scores prompts, and says so).
+def train_and_evaluate(config, workdir: str, *, jobs: Sequence[PeriodicJob] = (),
+                       evaluate: Callable[[str], Any] | None = None) -> dict[str, Any]:
+  """Trains (with `jobs`), then runs `evaluate(workdir)` and prints the "wrote" block; returns what
+  `evaluate` returns (the GenEval scores, from `ec_dit.evaluators.train_and_evaluate`), or the last
+  training metrics when it returns None or none is given.
 
   A preempted run (SIGTERM) exits after its checkpoint instead: scoring a half-trained
   model would take minutes the VM does not have and print a score for the wrong run.
   Rerunning the same command resumes training and then evaluates.
   """
-  result = train(config, workdir, list_outputs=False)
+  result = train(config, workdir, list_outputs=False, jobs=jobs)
   report = _reporter(jax.process_index() == 0)
   if result.get("preempted"):
     report(report_lib.wrote_block(workdir))
     return result
-  if is_class_cond(config):
-    report(f"no GenEval for class-conditional runs (config.model.arch='dit_moe'): sample with python -m "
-           f"ec_dit.main --mode=sample --workdir={workdir} --class_label=N")
-    report(report_lib.wrote_block(workdir))
-    return result
-  scores = generate.evaluate_run(config, workdir)
+  scores = None if evaluate is None else evaluate(workdir)
   report(report_lib.wrote_block(workdir))
-  return scores
+  return result if scores is None else scores
