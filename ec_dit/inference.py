@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ec_dit import checkpoint, configs, diffusion, images as images_lib, schema, text_ddpm, tokenizer as tokenizer_lib
+from ec_dit import (checkpoint, configs, diffusion, images as images_lib, schema, tasks, text_ddpm,
+                    tokenizer as tokenizer_lib)
 from ec_dit.encoders.frozen import FrozenEncoders
-from ec_dit.model import abstract_model
 
 
 load_run_config = configs.from_run  # the config a run was trained with (workdir/config.json)
@@ -80,7 +80,7 @@ class TextToImagePipeline:
     else:
       self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
     self.batch_size = batch_size
-    abstract = abstract_model(config)
+    abstract = tasks.task_for(config).abstract_model(config)
     abstract.eval()  # evaluation capacity factor for expert choice
     self._graphdef, _ = nnx.split(abstract, nnx.Param)
     self.params = params
@@ -98,7 +98,7 @@ class TextToImagePipeline:
     config = load_run_config(workdir)
     if encoders_config is not None:
       config.encoders = encoders_config
-    params = checkpoint.restore_ema(config, workdir, step=step)
+    params = checkpoint.restore_ema(workdir, tasks.task_for(config).abstract_params(config), step=step)
     return cls(config, params, batch_size=batch_size)
 
   def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import checkpoint, class_diffusion, images as images_lib, inference
+from ec_dit import checkpoint, class_diffusion, images as images_lib, inference, tasks
 from ec_dit.encoders.frozen import FrozenEncoders
-from ec_dit.model import dit_moe
 
 class ClassToImagePipeline:
   """Class labels in, latents (or decoded images) out; jitted once per batch size, deterministic per seed.
@@ -43,11 +42,12 @@ class ClassToImagePipeline:
   """
 
   def __init__(self, config, params, *, encoders: FrozenEncoders | None = None, batch_size: int = 16):
-    if config.model.arch != "dit_moe":
-      raise ValueError(f"config.model.arch must be 'dit_moe' for ClassToImagePipeline, got {config.model.arch!r}")
+    task = tasks.task_for(config)
+    if task.conditioning != tasks.CLASS_LABEL:
+      raise ValueError(f"config.model.arch must be 'dit_moe' for ClassToImagePipeline, got {task.arch!r}")
     self.config, self.params, self.encoders = config, params, encoders
     self.batch_size = batch_size
-    abstract = dit_moe.abstract_model(config)
+    abstract = task.abstract_model(config)
     abstract.eval()  # no balance loss; evaluation capacity for expert choice
     self._graphdef, _ = nnx.split(abstract, nnx.Param)
     m = config.model
@@ -58,7 +58,8 @@ class ClassToImagePipeline:
                batch_size: int = 16) -> "ClassToImagePipeline":
     """Loads the EMA weights of a run directory (a training run or an imported checkpoint)."""
     config = inference.load_run_config(workdir)
-    return cls(config, checkpoint.restore_ema(config, workdir, step), encoders=encoders, batch_size=batch_size)
+    params = checkpoint.restore_ema(workdir, tasks.task_for(config).abstract_params(config), step)
+    return cls(config, params, encoders=encoders, batch_size=batch_size)
 
   def __hash__(self):  # jit treats `self` as static
     return id(self)
