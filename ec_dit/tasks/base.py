@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # The conditioning kinds a task may take (`Task.conditioning`).
@@ -100,6 +101,21 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def loss(self, config, model, inputs: dict, key: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """(loss, aux) of `model` on `model_inputs`; aux holds `metric_keys` and "moe" (router diagnostics)."""
+
+  # -- Sampling ---------------------------------------------------------------------
+  @abc.abstractmethod
+  def null_conditioning(self, config) -> Any:
+    """The conditioning of an unconditional sample (the empty prompt, the null class): pads a batch."""
+
+  @abc.abstractmethod
+  def sample(self, config, model, conditioning, keys: jax.Array, *, image_shape, **settings) -> jax.Array:
+    """Inside the pipeline's jit: samples [B, *image_shape] of `model` (evaluation mode) for a batch's
+    `conditioning` (a pytree the front end builds), one noise key per image, the sampler's `settings`."""
+
+  @abc.abstractmethod
+  def decode(self, config, samples, decoder=None) -> np.ndarray:
+    """Samples in the model's space -> what a pipeline returns: uint8 images [B, H, W, 3] through `decoder`
+    (`FrozenEncoders` with a VAE) for latents; without one, pixels as uint8 or latents as float32."""
 
   # -- Held-out loss --------------------------------------------------------------
   @abc.abstractmethod

@@ -74,6 +74,19 @@ class ClassConditionalTask(Task):
   def loss(self, config, model, inputs, key):
     return class_diffusion.loss(model, inputs, key, config)
 
+  def null_conditioning(self, config):
+    return config.model.class_cond.num_classes  # the null class
+
+  def sample(self, config, model, conditioning, keys, *, image_shape, sampler, num_steps, guidance_scale):
+    """`conditioning` = (labels [B] int32, initial noise x_T [B, *image_shape]); `keys` the sampler's."""
+    labels, x_T = conditioning
+    return class_diffusion.sample(model, labels, x_T, config, key=keys, sampler=sampler, num_steps=num_steps,
+                                  guidance_scale=guidance_scale)
+
+  def decode(self, config, samples, decoder=None):
+    """Latents as float32, or through `decoder` (which divides by the VAE's scaling factor itself)."""
+    return np.asarray(samples) if decoder is None else decoder.decode(np.asarray(samples))
+
   def heldout_keys(self, examples):
     return ("image", "label")
 

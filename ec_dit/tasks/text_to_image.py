@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ec_dit import diffusion, text_ddpm
@@ -58,6 +59,25 @@ class TextToImageTask(Task):
     return diffusion.rectified_flow_loss(model, inputs["image"], inputs["text"], inputs["mask"], key,
                                          t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
                                          loss_t_min=d.loss_t_min)
+
+  def null_conditioning(self, config):
+    return ""  # the empty prompt (all-False mask): the unconditional velocity guidance pushes away from
+
+  def sample(self, config, model, conditioning, keys, *, image_shape, num_steps, guidance_scale,
+             guidance_parallel, sampler):
+    """`conditioning` = (tokens or T5 features, mask, None or DDPM's (null features, null mask))."""
+    tokens, mask, null = conditioning
+    if config.model.prediction == "epsilon":  # DDPM / DDIM (PixArt-alpha): ec_dit.text_ddpm
+      return text_ddpm.sample(model, tokens, mask, keys, image_shape=image_shape, num_steps=num_steps,
+                              guidance_scale=guidance_scale, sampler=sampler,
+                              null_context=None if null is None else null[0],
+                              null_mask=None if null is None else null[1])
+    return diffusion.sample(model, tokens, mask, keys, image_shape=image_shape, num_steps=num_steps,
+                            guidance_scale=guidance_scale, guidance_parallel=guidance_parallel, sampler=sampler)
+
+  def decode(self, config, samples, decoder=None):
+    """Pixels in [-1, 1] -> uint8, or latents (`text.encoder="t5"`) through the VAE."""
+    return diffusion.to_uint8(samples) if decoder is None else decoder.decode(np.asarray(samples))
 
   def heldout_keys(self, examples):
     return ("image", "features" if "features" in examples else "tokens", "mask")
