@@ -80,9 +80,9 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp
                                item_names=("state", "ema", "data_iter"))
 
 
-def _iterator_args(data_iter, iterator_args, name: str):
-  if data_iter is not None and iterator_args is None:
-    raise TypeError(f"checkpoint: a data iterator needs {name}, the function giving its Orbax args")
+def _iterator_args(data_iter, iterator_args):
+  if iterator_args is None:
+    raise TypeError("checkpoint: a data iterator needs iterator_args, the function giving its Orbax args")
   return iterator_args(data_iter)
 
 
@@ -92,7 +92,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, ema: Any, data_
   (`iterator_args(data_iter)` gives its Orbax save args, e.g. `ec_dit.data.pipeline.iterator_save_args`)."""
   items = dict(state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema))
   if data_iter is not None:
-    items["data_iter"] = _iterator_args(data_iter, iterator_args, "iterator_args")
+    items["data_iter"] = _iterator_args(data_iter, iterator_args)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -129,7 +129,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
       continue
     items = dict(state=ocp.args.StandardRestore(abstract_state), ema=ocp.args.StandardRestore(abstract_ema))
     if data_iter is not None and has_data_iter(str(manager.directory), step):
-      items["data_iter"] = _iterator_args(data_iter, iterator_args, "iterator_args")
+      items["data_iter"] = _iterator_args(data_iter, iterator_args)
     elif data_iter is not None:
       report(f"checkpoint at step {step} holds no data iterator (an imported checkpoint, e.g. from "
              f"python -m ec_dit.convert): restoring its state and EMA, the data starts from its beginning")

@@ -79,18 +79,18 @@ def _dit_moe_rules(config) -> None:
   """The DiT-MoE network has an MoE FFN of SwiGLU experts in every block (or DiT's GELU MLP), so its
   `model.ffn` must say so."""
   m, c, f = config.model, config.model.class_cond, config.model.ffn
-  if c.ffn_style == "dit":
-    if f.kind not in DIT_FFN_KINDS:
-      _fail("model.ffn.kind", f"one of {DIT_FFN_KINDS} with class_cond.ffn_style='dit'", f.kind)
-    if f.activation != "gelu":
-      _fail("model.ffn.activation", "'gelu' with class_cond.ffn_style='dit' (DiT's MLP)", f.activation)
+  dit = c.ffn_style == "dit"
+  kinds, activation, why = ((DIT_FFN_KINDS, "gelu", "DiT's MLP") if dit else
+                            (DIT_MOE_FFN_KINDS, "swiglu", "its experts are SwiGLU"))
+  where = "class_cond.ffn_style='dit'" if dit else "model.arch='dit_moe'"
+  if f.kind not in kinds:
+    _fail("model.ffn.kind", f"one of {kinds} with {where}", f.kind)
+  if f.activation != activation:
+    _fail("model.ffn.activation", f"'{activation}' with {where} ({why})", f.activation)
+  if dit:
     if f.kind != "dense" and f.num_shared_experts:
-      _fail("model.ffn.num_shared_experts", "0 with class_cond.ffn_style='dit'", f.num_shared_experts)
+      _fail("model.ffn.num_shared_experts", f"0 with {where}", f.num_shared_experts)
     return
-  if f.kind not in DIT_MOE_FFN_KINDS:
-    _fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)
-  if f.activation != "swiglu":
-    _fail("model.ffn.activation", "'swiglu' with model.arch='dit_moe' (its experts are SwiGLU)", f.activation)
   if f.moe_every != 1 or f.dense_first_n != 0:
     _fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
           (f.moe_every, f.dense_first_n))
