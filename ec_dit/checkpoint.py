@@ -8,6 +8,12 @@ restores it raises `RestoreError` (a run never starts from scratch over them).
 A save that fails (e.g. a full disk) surfaces as one `SaveError` naming the step,
 the path, the cause and the last good checkpoint (`save_error`). Orbax's own
 error logs (tracebacks, thousands of lines) are filtered out: these errors say it.
+
+The module receives what it saves and restores: the abstract state and EMA
+(`ec_dit.training.state.abstract_state`, or a task's `abstract_params`), and the
+data iterator with the function that makes its Orbax args
+(`ec_dit.data.pipeline.iterator_save_args` / `iterator_restore_args`); it builds
+neither the model nor the data.
 """
 
 from __future__ import annotations
@@ -16,15 +22,13 @@ import errno
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from ec_dit import errors
-from ec_dit.data import pipeline as data_pipeline
-from ec_dit.model import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +80,19 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp
                                item_names=("state", "ema", "data_iter"))
 
 
+def _iterator_args(data_iter, iterator_args):
+  if iterator_args is None:
+    raise TypeError("checkpoint: a data iterator needs iterator_args, the function giving its Orbax args")
+  return iterator_args(data_iter)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: dict, ema: Any, data_iter=None, *,
-         force: bool = False) -> bool:
-  """Saves (asynchronously) state, EMA params and, when given, the data iterator."""
+         iterator_args: Callable | None = None, force: bool = False) -> bool:
+  """Saves (asynchronously) state, EMA params and, when given, the data iterator
+  (`iterator_args(data_iter)` gives its Orbax save args, e.g. `ec_dit.data.pipeline.iterator_save_args`)."""
   items = dict(state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema))
   if data_iter is not None:
-    items["data_iter"] = data_pipeline.iterator_save_args(data_iter)
+    items["data_iter"] = _iterator_args(data_iter, iterator_args)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -96,7 +107,7 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, abstract_ema: Any, data_iter=None,
-                        report=print):
+                        *, iterator_args: Callable | None = None, report=print):
   """Restores the newest checkpoint that restores cleanly.
 
   Returns (step, state, ema, data_iter), or None when there is no checkpoint. A
@@ -105,7 +116,8 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
   returned as given (fresh), with a message through `report`. A
   checkpoint that fails (truncated, corrupted, wrong shapes) is reported through
   `report` and the previous one is tried; when all fail, raises `RestoreError`
-  with each one's reason (the checkpoints are left as they are).
+  with each one's reason (the checkpoints are left as they are). `iterator_args(data_iter)`
+  gives the iterator's Orbax restore args (e.g. `ec_dit.data.pipeline.iterator_restore_args`).
   """
   reasons = []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -117,7 +129,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: dict, ab
       continue
     items = dict(state=ocp.args.StandardRestore(abstract_state), ema=ocp.args.StandardRestore(abstract_ema))
     if data_iter is not None and has_data_iter(str(manager.directory), step):
-      items["data_iter"] = data_pipeline.iterator_restore_args(data_iter)
+      items["data_iter"] = _iterator_args(data_iter, iterator_args)
     elif data_iter is not None:
       report(f"checkpoint at step {step} holds no data iterator (an imported checkpoint, e.g. from "
              f"python -m ec_dit.convert): restoring its state and EMA, the data starts from its beginning")
@@ -185,8 +197,9 @@ def save_error(workdir: str, step: int, error: BaseException) -> SaveError:
                    f"the last good checkpoint and removes the partial folder.")
 
 
-def restore_ema(config, workdir: str, step: int | None = None) -> dict:
-  """The EMA parameters of a run's latest (or given) checkpoint, for inference (any `config.model.arch`)."""
+def restore_ema(workdir: str, abstract_ema: dict, step: int | None = None) -> dict:
+  """The EMA parameters of a run's latest (or given) checkpoint, for inference; `abstract_ema` is the
+  target's ShapeDtypeStructs (a task's `abstract_params(config)`)."""
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoints in {path}: train first (--mode=train), or import a DiT-MoE "
@@ -197,10 +210,9 @@ def restore_ema(config, workdir: str, step: int | None = None) -> dict:
       if step not in steps:
         raise ValueError(f"step {step} not among the checkpoints in {path}: {sorted(steps)}")
       steps = [step]
-    target = abstract_params(config)
     for s in steps:
       try:
-        restored = manager.restore(s, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target)))
+        restored = manager.restore(s, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_ema)))
         return jax.device_get(restored["ema"])
       except Exception as e:  # noqa: BLE001
         log.warning("checkpoint at step %d failed to restore (%s); trying the previous one", s, e)

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import ml_collections
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 
 RUN_CONFIG_NAME = "config.json"
 
@@ -151,8 +151,10 @@ def applicable_model(config) -> ml_collections.ConfigDict:
   """A copy of `config.model` with only the fields its architecture and FFN kind read (for printing):
   no `class_cond` for a text-to-image model, no token-choice fields for expert choice, and so on."""
   m = ml_collections.ConfigDict(config.model.to_dict())
-  if m.get("arch", "ec_dit") != "dit_moe":
-    del m["class_cond"]
+  task = tasks.task_for(config)
+  for section in {s for t in tasks.TASKS.values() for s in t.model_sections} - set(task.model_sections):
+    if section in m:
+      del m[section]
   kind = m.ffn.kind
   drop = [f for k, fields in _FFN_ONLY.items() if k != kind for f in fields]
   if kind == "dense":

@@ -17,10 +17,9 @@ from typing import Any, Callable
 
 import jax
 
-from ec_dit import images as images_lib, routing_maps
+from ec_dit import images as images_lib, routing_maps, tasks
 from ec_dit.geneval import generate
 from ec_dit.inference import TextToImagePipeline
-from ec_dit.model import abstract_params, is_class_cond
 from ec_dit.training import loop
 
 GRID_IMAGES_PER_PROMPT = 4
@@ -28,7 +27,7 @@ GRID_IMAGES_PER_PROMPT = 4
 
 def sample_grid_pipeline(config) -> TextToImagePipeline:
   """The pipeline for the periodic sample grids: built once per run, so the sampler compiles once."""
-  params = abstract_params(config)  # replaced by the EMA weights before every use
+  params = tasks.task_for(config).abstract_params(config)  # replaced by the EMA weights before every use
   return TextToImagePipeline(config, params, batch_size=len(config.sample.prompts) * GRID_IMAGES_PER_PROMPT)
 
 
@@ -81,7 +80,7 @@ def periodic_jobs(config) -> list[loop.PeriodicJob]:
 
   No jobs for a class-conditional run, which has no prompts (`--mode=sample --class_label` samples it).
   """
-  if is_class_cond(config):
+  if tasks.task_for(config).conditioning != tasks.TEXT:
     return []
   grids = SampleGrids(config)
   return [grids, RoutingMaps(config, grids)]
@@ -97,9 +96,9 @@ def final_evaluation(config) -> Callable[[str], Any]:
 
   A class-conditional run gets none: the job says so and returns None (the loop keeps the training metrics).
   """
-  if is_class_cond(config):
+  if tasks.task_for(config).conditioning != tasks.TEXT:
     def no_geneval(workdir: str) -> None:
-      _report(f"no GenEval for class-conditional runs (config.model.arch='dit_moe'): sample with python -m "
+      _report(f"no GenEval for class-conditional runs: sample with python -m "
               f"ec_dit.main --mode=sample --workdir={workdir} --class_label=N")
     return no_geneval
   return lambda workdir: generate.evaluate_run(config, workdir)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import dataclasses
 from typing import Any, Sequence
@@ -18,15 +17,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from ec_dit import checkpoint, configs, diffusion, images as images_lib, schema, text_ddpm, tokenizer as tokenizer_lib
+from ec_dit import (configs, diffusion, images as images_lib, sampling_pipeline, schema, tasks,
+                    tokenizer as tokenizer_lib)
 from ec_dit.encoders.frozen import FrozenEncoders
-from ec_dit.model import abstract_model
 
 
 load_run_config = configs.from_run  # the config a run was trained with (workdir/config.json)
+base_key = sampling_pipeline.base_key
 
 
 @dataclasses.dataclass
@@ -34,19 +33,6 @@ class ImagePipelineOutput:
   """What `TextToImagePipeline.__call__` returns, as diffusers' pipelines do: `.images`, a list of PIL images
   (`output_type="pil"`) or of uint8 [H, W, 3] arrays (`output_type="np"`), prompt-major."""
   images: list[Any]
-
-
-def base_key(generator) -> jax.Array:
-  """The noise key of a `generator`: an int seed, a JAX key (typed, or raw uint32 [2] from `jax.random.PRNGKey`)."""
-  if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-    return jax.random.key(int(generator))
-  if isinstance(generator, (jax.Array, np.ndarray)):
-    if jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) and generator.shape == ():
-      return generator
-    if generator.dtype == np.uint32 and generator.shape == (2,):
-      return jax.random.wrap_key_data(jnp.asarray(generator))
-  raise ValueError(f"generator must be an int seed or a single JAX key, got {type(generator).__name__} "
-                   f"{getattr(generator, 'shape', '')}")
 
 
 SAMPLER_SETTINGS = ("num_steps", "guidance_scale", "guidance_parallel", "sampler")
@@ -57,8 +43,9 @@ def sampler_settings(sample) -> dict:
   return {name: sample[name] for name in SAMPLER_SETTINGS}
 
 
-class TextToImagePipeline:
-  """Prompts in, images out. Sampling is jitted once per batch size and deterministic per seed.
+class TextToImagePipeline(sampling_pipeline.SamplingPipeline):
+  """Prompts in, images out: the text front end of `ec_dit.sampling_pipeline.SamplingPipeline`. Sampling is
+  jitted once per batch size and deterministic per seed.
 
   A latent run (`config.text.encoder = "t5"`) encodes the prompts with T5 (loaded
   once from `config.encoders.t5_path`), samples latents with the text K/V cached,
@@ -72,20 +59,15 @@ class TextToImagePipeline:
     encoders: a latent run's `FrozenEncoders` (default: loaded from `config.encoders`).
   """
 
+  conditioning = tasks.TEXT
+
   def __init__(self, config, params, *, batch_size: int = 16, encoders: FrozenEncoders | None = None):
-    self.config = config
+    super().__init__(config, params, batch_size=batch_size)
     self.latent = config.text.encoder == "t5"
     if self.latent:
       self.encoders = encoders or FrozenEncoders.from_config(config.encoders, context_len=config.model.context_len)
     else:
       self.tokenizer = tokenizer_lib.tokenizer_from_config(config)
-    self.batch_size = batch_size
-    abstract = abstract_model(config)
-    abstract.eval()  # evaluation capacity factor for expert choice
-    self._graphdef, _ = nnx.split(abstract, nnx.Param)
-    self.params = params
-    m = config.model
-    self.image_shape = (m.input_size, m.input_size, m.in_channels)
 
   @classmethod
   def from_run(cls, workdir: str, *, step: int | None = None, batch_size: int = 16,
@@ -95,10 +77,7 @@ class TextToImagePipeline:
     `encoders_config` (a `config.encoders` section) replaces the run's encoder paths,
     e.g. when the checkpoints now sit elsewhere.
     """
-    config = load_run_config(workdir)
-    if encoders_config is not None:
-      config.encoders = encoders_config
-    params = checkpoint.restore_ema(config, workdir, step=step)
+    config, params = sampling_pipeline.restore_run(workdir, step=step, encoders_config=encoders_config)
     return cls(config, params, batch_size=batch_size)
 
   def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,21 +89,7 @@ class TextToImagePipeline:
 
   def to_images(self, samples: jax.Array) -> np.ndarray:
     """Samples in the model's space -> uint8 images (VAE-decoded for a latent run)."""
-    return self.encoders.decode(np.asarray(samples)) if self.latent else diffusion.to_uint8(samples)
-
-  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-  def _sample(self, params, tokens, mask, key, num_steps, guidance_scale, guidance_parallel, sampler, null=None):
-    model = nnx.merge(self._graphdef, params)
-    if self.config.model.prediction == "epsilon":  # DDPM / DDIM (PixArt-alpha): ec_dit.text_ddpm
-      return text_ddpm.sample(model, tokens, mask, key, image_shape=self.image_shape, num_steps=num_steps,
-                              guidance_scale=guidance_scale, sampler=sampler,
-                              null_context=None if null is None else null[0],
-                              null_mask=None if null is None else null[1])
-    return diffusion.sample(model, tokens, mask, key, image_shape=self.image_shape, num_steps=num_steps,
-                            guidance_scale=guidance_scale, guidance_parallel=guidance_parallel, sampler=sampler)
-
-  def __hash__(self):  # jit treats `self` as static
-    return id(self)
+    return self.task.decode(self.config, samples, self.encoders if self.latent else None)
 
   def generate(self, prompts: Sequence[str], *, num_images_per_prompt: int = 1, seed: int | jax.Array = 0,
                num_steps: int | None = None, guidance_scale: float | None = None,
@@ -153,17 +118,16 @@ class TextToImagePipeline:
       prompts = [prompts]
     root = base_key(seed)
     jobs = [(first_index + i, j, p) for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
-    out = []
-    for start in range(0, len(jobs), self.batch_size):
-      chunk = jobs[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      tokens, mask = self.encode_prompts([p for _, _, p in chunk] + [""] * pad)
-      # one noise key per image, from (seed, prompt, sample): independent of batching
-      keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j, _ in chunk]
-      keys += [jax.random.key(0)] * pad
-      images = self._sample(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.stack(keys), num_steps,
-                            guidance_scale, guidance_parallel, sampler, null)
-      out.append(self.to_images(images[:len(chunk)]))
+    # one noise key per image, from (seed, prompt, sample): independent of batching
+    keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j, _ in jobs]
+
+    def condition(batch_prompts, batch_keys):
+      tokens, mask = self.encode_prompts(batch_prompts)
+      return (jnp.asarray(tokens), jnp.asarray(mask), null), batch_keys
+
+    settings = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_parallel=guidance_parallel,
+                    sampler=sampler)
+    out = self._generate([p for _, _, p in jobs], keys, settings, condition, self.to_images)
     if not out:
       size = self.config.input.image_size if self.latent else self.image_shape[0]
       return np.zeros((0, size, size, 3 if self.latent else self.image_shape[2]), np.uint8)

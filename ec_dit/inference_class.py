@@ -18,7 +18,6 @@ scales latents itself), or, without a VAE path, the latents as `.npy` files.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from typing import Sequence
@@ -26,48 +25,34 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from ec_dit import checkpoint, class_diffusion, images as images_lib, inference
+from ec_dit import images as images_lib, sampling_pipeline, tasks
 from ec_dit.encoders.frozen import FrozenEncoders
-from ec_dit.model import dit_moe
 
-class ClassToImagePipeline:
-  """Class labels in, latents (or decoded images) out; jitted once per batch size, deterministic per seed.
+class ClassToImagePipeline(sampling_pipeline.SamplingPipeline):
+  """Class labels in, latents (or decoded images) out: the class-label front end of
+  `ec_dit.sampling_pipeline.SamplingPipeline`; jitted once per batch size, deterministic per seed.
 
   Args:
-    config: the run's config (`config.model.arch == "dit_moe"`).
+    config: the run's config (a class-conditional task: `config.model.arch == "dit_moe"`).
     params: the network parameters (a pure dict, normally the EMA weights).
     encoders: optional decoder (`FrozenEncoders` with a VAE); without it `generate` returns latents.
     batch_size: images per jitted call (labels are padded to it).
   """
 
+  conditioning = tasks.CLASS_LABEL
+
   def __init__(self, config, params, *, encoders: FrozenEncoders | None = None, batch_size: int = 16):
-    if config.model.arch != "dit_moe":
-      raise ValueError(f"config.model.arch must be 'dit_moe' for ClassToImagePipeline, got {config.model.arch!r}")
-    self.config, self.params, self.encoders = config, params, encoders
-    self.batch_size = batch_size
-    abstract = dit_moe.abstract_model(config)
-    abstract.eval()  # no balance loss; evaluation capacity for expert choice
-    self._graphdef, _ = nnx.split(abstract, nnx.Param)
-    m = config.model
-    self.latent_shape = (m.input_size, m.input_size, m.in_channels)
+    super().__init__(config, params, batch_size=batch_size)
+    self.encoders = encoders
+    self.latent_shape = self.image_shape
 
   @classmethod
   def from_run(cls, workdir: str, *, step: int | None = None, encoders: FrozenEncoders | None = None,
                batch_size: int = 16) -> "ClassToImagePipeline":
     """Loads the EMA weights of a run directory (a training run or an imported checkpoint)."""
-    config = inference.load_run_config(workdir)
-    return cls(config, checkpoint.restore_ema(config, workdir, step), encoders=encoders, batch_size=batch_size)
-
-  def __hash__(self):  # jit treats `self` as static
-    return id(self)
-
-  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-  def _sample(self, params, labels, x_T, keys, sampler, num_steps, guidance_scale):
-    model = nnx.merge(self._graphdef, params)
-    return class_diffusion.sample(model, labels, x_T, self.config, key=keys, sampler=sampler, num_steps=num_steps,
-                                  guidance_scale=guidance_scale)
+    config, params = sampling_pipeline.restore_run(workdir, step=step)
+    return cls(config, params, encoders=encoders, batch_size=batch_size)
 
   def generate(self, class_labels: Sequence[int], *, seed: int = 0, sampler: str | None = None,
                num_steps: int | None = None, guidance_scale: float | None = None, first_index: int = 0):
@@ -85,20 +70,17 @@ class ClassToImagePipeline:
     bad = [y for y in labels if not 0 <= y <= n]
     if bad:
       raise ValueError(f"class labels must be in [0, {n}] ({n} = the null class), got {bad[:5]}")
-    out = []
-    for start in range(0, len(labels), self.batch_size):
-      chunk = labels[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      keys = [jax.random.fold_in(jax.random.key(seed), first_index + start + i) for i in range(len(chunk))]
-      keys += [jax.random.key(0)] * pad
-      keys = jnp.stack(keys)  # per image: the initial noise from fold_in(key, 0), the sampler's from fold_in(key, 1)
-      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), self.latent_shape))(keys)
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-      latents = self._sample(self.params, jnp.asarray(chunk + [n] * pad, jnp.int32), x_T, step_keys, sampler,
-                             num_steps, guidance_scale)
-      out.append(np.asarray(latents[:len(chunk)]))
+    keys = [jax.random.fold_in(jax.random.key(seed), first_index + i) for i in range(len(labels))]
+
+    def condition(batch_labels, batch_keys):  # per image: the initial noise from fold_in(key, 0), the sampler's from 1
+      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), self.latent_shape))(batch_keys)
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(batch_keys)
+      return (jnp.asarray(batch_labels, jnp.int32), x_T), step_keys
+
+    settings = dict(sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale)
+    out = self._generate(labels, keys, settings, condition, np.asarray)
     latents = np.concatenate(out) if out else np.zeros((0,) + self.latent_shape, np.float32)
-    return latents if self.encoders is None else self.encoders.decode(latents)
+    return self.task.decode(self.config, latents, self.encoders)
 
 
 def sample_to_files(workdir: str, class_labels: Sequence[int], *, num_images: int = 4, seed: int = 0,

@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ec_dit import (checkpoint, command_line, configs, errors, evaluators, host_memory, inference, inference_class,
-                    routing_maps, schema)
+                    routing_maps, schema, tasks)
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology
@@ -155,7 +155,7 @@ def run(argv):
     evaluators.train(config, FLAGS.workdir)
   elif FLAGS.mode == "evaluate":
     generate.evaluate_run(config, FLAGS.workdir, encoders_config=_encoders_given(config))
-  elif FLAGS.mode == "sample" and configs.from_run(FLAGS.workdir).model.arch == "dit_moe":
+  elif FLAGS.mode == "sample" and tasks.task_for(configs.from_run(FLAGS.workdir)).conditioning == tasks.CLASS_LABEL:
     print("\n".join(inference_class.sample_to_files(FLAGS.workdir, FLAGS.class_label, num_images=FLAGS.num_images,
                                                    seed=FLAGS.seed, encoders_config=_encoders_given(config),
                                                    class_diffusion=config.class_diffusion)))

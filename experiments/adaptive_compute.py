@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from ec_dit import checkpoint, diffusion, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, diffusion, tasks, tokenizer as tokenizer_lib
 from ec_dit.data import pipeline, sources
 from ec_dit.inference import load_run_config
 from ec_dit.training import state as state_lib
@@ -49,7 +49,7 @@ START, END = "<!-- adaptive_compute:start -->", "<!-- adaptive_compute:end -->"
 def load(workdir: str):
   """(config, jitted forward(x_t, t, tokens, mask) -> (v, {layer: experts_per_token [B, S]})) with EMA weights."""
   config = load_run_config(workdir)
-  params = jax.tree.map(jnp.asarray, checkpoint.restore_ema(config, workdir))
+  params = jax.tree.map(jnp.asarray, checkpoint.restore_ema(workdir, tasks.task_for(config).abstract_params(config)))
   graphdef, _ = state_lib.init_model(config)
 
   @jax.jit

@@ -79,7 +79,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ec_dit import data, tokenizer as tokenizer_lib  # noqa: E402
 from ec_dit.inference import TextToImagePipeline  # noqa: E402
-from ec_dit.training import (class_cond, loop as loop_lib, metrics as metrics_lib, optimizers,  # noqa: E402
+from ec_dit.training import (loop as loop_lib, metrics as metrics_lib, optimizers,  # noqa: E402
                              state as state_lib, step as step_lib)
 
 import train_shapes  # noqa: E402
@@ -107,11 +107,12 @@ def xla_flops(compiled) -> float:
 class Trainer:
   """A compiled train step with its state and prepared batches; `steps(n)` returns steps/s."""
 
-  def __init__(self, config, batches, init_state, make_train_step):
+  def __init__(self, config, batches):
     self.config = config
     tx = optimizers.make_optimizer(config)
-    graphdef, self.state, self.ema = init_state(config, tx)
-    step_fn = make_train_step(config, graphdef, tx)
+    abstract = state_lib.abstract_state(config, tx)
+    self.state, self.ema = state_lib.init_state(config, tx, abstract)
+    step_fn = step_lib.make_train_step(config, abstract, tx)
     self.batches = batches
     self.compiled = step_fn.lower(self.state, self.ema, batches[0]).compile()
     self.steps(2)  # warm up
@@ -129,14 +130,14 @@ def tiny_trainer(tree, variant, num_batches=8):
   config = tiny_config(tree, variant)
   tokenizer = tokenizer_lib.tokenizer_from_config(config)
   it = iter(data.create_dataset(config.input, batch_size=config.batch_size, tokenize=tokenizer.encode, seed=0))
-  return Trainer(config, [next(it) for _ in range(num_batches)], state_lib.init_state, step_lib.make_train_step)
+  return Trainer(config, [next(it) for _ in range(num_batches)])
 
 
 def s2_trainer(variant):
   """A Trainer of a DiT-MoE-S/2-shaped variant on random latents and labels."""
   config = train_shapes.s2_config(TREE, variant)
   batches = [train_shapes.s2_batch(config, seed) for seed in range(4)]
-  return Trainer(config, batches, class_cond.init_state, class_cond.make_train_step)
+  return Trainer(config, batches)
 
 
 class Sampler:

@@ -130,8 +130,9 @@ def measure_step_times(args, variants, name: str) -> dict[str, float]:
     tokenize = tokenizer_lib.tokenizer_from_config(config).encode
     batches = iter(data.create_dataset(config.input, batch_size=config.batch_size, tokenize=tokenize, seed=0))
     tx = optimizers.make_optimizer(config)
-    graphdef, state, ema = state_lib.init_state(config, tx)
-    runners[v] = dict(step=step_lib.make_train_step(config, graphdef, tx), state=state, ema=ema,
+    abstract = state_lib.abstract_state(config, tx)
+    state, ema = state_lib.init_state(config, tx, abstract)
+    runners[v] = dict(step=step_lib.make_train_step(config, abstract, tx), state=state, ema=ema,
                       batches=[next(batches) for _ in range(4)])
   samples = {v: [] for v in variants}
 

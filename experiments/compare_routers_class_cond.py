@@ -41,13 +41,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ec_dit import class_diffusion, sharding  # noqa: E402
+from ec_dit import class_diffusion, sharding, tasks  # noqa: E402
 from ec_dit.data import shapes_world  # noqa: E402
-from ec_dit.training import class_cond, optimizers  # noqa: E402
+from ec_dit.training import optimizers, state as state_lib, step as step_lib  # noqa: E402
 from configs import dit_moe as dit_moe_configs  # noqa: E402
 
 SIZE, BATCH, NUM_EVAL = 16, 32, 128
@@ -86,12 +87,14 @@ def run(kind: str, seed: int, steps: int, eval_every: int, train_data, eval_data
   config = make_config(kind, seed)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   tx = optimizers.make_optimizer(config)
-  graphdef, state, ema = class_cond.init_state(config, tx, mesh)
-  train_step = class_cond.make_train_step(config, graphdef, tx, mesh)
+  abstract = state_lib.abstract_state(config, tx, mesh)
+  graphdef, task = abstract.graphdef, tasks.task_for(config)
+  state, ema = state_lib.init_state(config, tx, abstract)
+  train_step = step_lib.make_train_step(config, abstract, tx)
 
   @jax.jit
   def eval_mse(params, images, labels):
-    _, aux = class_cond.loss_fn(config, graphdef, params, {"image": images, "label": labels}, jax.random.key(1234))
+    _, aux = task.loss(config, nnx.merge(graphdef, params), {"image": images, "label": labels}, jax.random.key(1234))
     return aux["mse"]
 
   eval_images, eval_labels = (jnp.asarray(a) for a in eval_data)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from ec_dit import configs, evaluators, host_memory  # noqa: E402
 from ec_dit.data import pipeline as data_pipeline  # noqa: E402
-from ec_dit.training import arch, metrics as metrics_lib  # noqa: E402
+from ec_dit.training import metrics as metrics_lib, step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def main():
       return out
     return wrapper
 
-  real_create, real_steps_for, real_bar = data_pipeline.create_dataset, arch.steps_for, metrics_lib.progress_bar
+  real_create, real_make_step, real_bar = data_pipeline.create_dataset, step_lib.make_train_step, metrics_lib.progress_bar
 
   def create_dataset(*a, **k):  # the real iterator, its class's __next__ timed (next() looks it up on the type)
     dataset = real_create(*a, **k)
@@ -68,17 +68,7 @@ def main():
   data_pipeline.create_dataset = create_dataset
   data_pipeline.global_batch = timed("transfer", data_pipeline.global_batch)
 
-  def steps_for(c):
-    steps = real_steps_for(c)
-
-    class Timed:
-      def __getattr__(self, name):
-        return getattr(steps, name)
-
-      def make_train_step(self, *a, **k):
-        return timed("dispatch", steps.make_train_step(*a, **k))
-    return Timed()
-  arch.steps_for = steps_for
+  step_lib.make_train_step = lambda *a, **k: timed("dispatch", real_make_step(*a, **k))
 
   def bar(total, initial, enabled=True):
     b = real_bar(total, initial, enabled=False)

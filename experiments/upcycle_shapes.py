@@ -101,7 +101,7 @@ def second_phase(args, seed: int, arm: str, dense_run: str, workdir: str):
 def held_out_loss(config, workdir: str, step: int | None = None) -> float:
   """Velocity MSE of the EMA weights on fixed held-out batches (fixed t, noise and text dropout)."""
   model = text_to_image.abstract_model(config)
-  nnx.update(model, checkpoint.restore_ema(config, workdir, step=step))
+  nnx.update(model, checkpoint.restore_ema(workdir, text_to_image.abstract_params(config), step=step))
   model.eval()
   held = config.input.copy_and_resolve_references()
   held.data_seed = HELD_OUT_SEED

@@ -3,7 +3,7 @@
 Twice: with random in-memory latents and labels, and with a batch that comes through
 the real `latents:DIR` pipeline (a tiny folder prepared from class subfolders by
 `ec_dit.prepare`, read by `data.pipeline.create_dataset`, cut to the step's fields by
-`training.arch.train_batch`; the step draws the latents from their mean and std). As in
+the task's `train_batch`; the step draws the latents from their mean and std). As in
 test_sharding.py, one function per mesh returns the loss's gradients and a full
 train step, compiled at XLA's backend optimisation level 0.
 """
@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from ec_dit import sharding
+from ec_dit import sharding, tasks
 from ec_dit.data import pipeline as data_pipeline
-from ec_dit.training import arch, class_cond, optimizers, step as step_lib
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from dit_moe_fixtures import prepare_class_latents, tiny_config
 
 MESHES = [(1, 1, 8, 1)]  # expert parallelism over all 8 devices (the batch too, by the `batch` rule)
@@ -32,14 +33,15 @@ def _config(kind, mesh=(1, 1, 1, 1)):
 def _probe(config, mesh, host_state, host_ema, batch):
   """(grads, next state, next ema, metrics) on `mesh`, as numpy."""
   tx = optimizers.make_optimizer(config)
-  graphdef, _, _, sh = class_cond.train_state_shardings(config, tx, mesh)
-  step = class_cond.make_train_step(config, graphdef, tx, mesh).__wrapped__  # the traced body of the real step
+  abstract = state_lib.abstract_state(config, tx, mesh)
+  graphdef, sh, task = abstract.graphdef, abstract.shardings, tasks.task_for(config)
+  step = step_lib.make_train_step(config, abstract, tx).__wrapped__  # the traced body of the real step
 
   def probe(state, ema, batch):
     with sharding.activation_sharding(mesh, config.mesh.rules):
       key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-      inputs = {"image": step_lib.draw_latents(batch, key), "label": batch["label"]}
-      grads = jax.grad(lambda p: class_cond.loss_fn(config, graphdef, p, inputs, key)[0])(state["params"])
+      inputs = task.model_inputs(config, batch, key)
+      grads = jax.grad(lambda p: task.loss(config, nnx.merge(graphdef, p), inputs, key)[0])(state["params"])
     return (grads,) + step(state, ema, batch)
 
   args = (jax.device_put(host_state, sh["state"]), jax.device_put(host_ema, sh["ema"]),
@@ -55,7 +57,7 @@ def prepared_batch(tmp_path_factory):
   config = _config("token_choice")
   config.input.source, config.input.read_threads = f"latents:{folder}", 0
   ds = data_pipeline.create_dataset(config.input, batch_size=8, tokenize=None, seed=0)
-  return arch.train_batch(config, dict(next(iter(ds))))
+  return tasks.task_for(config).train_batch(config, dict(next(iter(ds))))
 
 
 @pytest.mark.slow
@@ -79,7 +81,7 @@ def _check_expert_parallel_equals_one_device(kind, make_batch):
   ref_config = _config(kind)
   tx = optimizers.make_optimizer(ref_config)
   one = sharding.make_mesh(ref_config.mesh, jax.devices()[:1])
-  _, state, _ = class_cond.init_state(ref_config, tx, one)
+  state, _ = state_lib.init_state(ref_config, tx, state_lib.abstract_state(ref_config, tx, one))
   leaves, treedef = jax.tree.flatten(jax.device_get(state["params"]))
   rng = np.random.default_rng(1)  # perturb the zero-initialised adaLN and output layers: every path carries signal
   params = treedef.unflatten([p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype) for p in leaves])
@@ -95,7 +97,7 @@ def _check_expert_parallel_equals_one_device(kind, make_batch):
     config = _config(kind, shape)
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.shape["expert"] == shape[2] and mesh.devices.size == 8
-    _, _, _, sh = class_cond.train_state_shardings(config, optimizers.make_optimizer(config), mesh)
+    sh = state_lib.abstract_state(config, optimizers.make_optimizer(config), mesh).shardings
     assert sh["state"]["params"]["blocks"][0]["moe"]["routed"]["experts"]["wi"].spec[0] == "expert"
     grads, new_state, new_ema, metrics = _probe(config, mesh, host_state, host_ema, batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"grads on {shape}"),

@@ -15,7 +15,7 @@ import pytest
 
 from PIL import Image
 
-from ec_dit import checkpoint, evaluators
+from ec_dit import checkpoint, evaluators, tasks
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
 from ec_dit.data import latents, pipeline as data_pipeline
 from ec_dit.inference_class import sample_to_files
@@ -71,7 +71,7 @@ def test_converted_run_continues_training_from_prepared_latents_then_samples(pre
   assert [r["step"] for r in rows] == [1, 2] and "moe/layer_01/balance_loss" in rows[0]
   # continued from the imported weights: two Adam steps of lr 1e-4 move each weight by at most ~2e-4
   imported = convert.convert_state_dict(state_dict(), tiny_config())
-  trained = checkpoint.restore_ema(config, str(run))
+  trained = checkpoint.restore_ema(str(run), tasks.task_for(config).abstract_params(config))
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), trained, imported)
   assert 0 < max(jax.tree.leaves(moved)) < 5e-4
   assert (run / "checkpoints" / "2" / "data_iter").is_dir()  # the continued run saves its iterator

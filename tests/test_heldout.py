@@ -10,7 +10,7 @@ from PIL import Image
 
 from ec_dit import checkpoint, schema, sharding, tokenizer as tokenizer_lib
 from ec_dit.data import pipeline, sources
-from ec_dit.training import class_cond, heldout, loop, optimizers, state as state_lib
+from ec_dit.training import heldout, loop, optimizers, state as state_lib
 from helpers import train_config
 
 
@@ -28,12 +28,13 @@ def _held_out(config):
 def _restore(config, workdir, step):
   tx = optimizers.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
-  _, abstract_state, abstract_ema, _ = state_lib.train_state_shardings(config, tx, mesh)
+  abstract = state_lib.abstract_state(config, tx, mesh)
   manager = checkpoint.make_manager(str(workdir), keep=10)
   dataset = pipeline.create_dataset(config.input, batch_size=config.batch_size,
                                     tokenize=tokenizer_lib.tokenizer_from_config(config).encode,
                                     seed=config.input.data_seed)
-  _, state, ema, _ = checkpoint.restore_latest_good(manager, abstract_state, abstract_ema, iter(dataset))
+  _, state, ema, _ = checkpoint.restore_latest_good(manager, abstract.state, abstract.ema, iter(dataset),
+                                                    iterator_args=pipeline.iterator_restore_args)
   assert int(state["step"]) == step
   manager.close()
   return state["params"], ema
@@ -144,7 +145,9 @@ def test_class_conditional_latents_hold_out_records_and_evaluate(tmp_path):
   for objective in ("rectified_flow", "ddpm"):
     config.class_diffusion.objective = objective
     config.class_diffusion.sampler = "euler" if objective == "rectified_flow" else "ddpm"
-    graphdef, state, ema = class_cond.init_state(config, optimizers.make_optimizer(config))
-    held = heldout.HeldOut(config, graphdef, sharding.make_mesh(config.mesh), None)
+    tx = optimizers.make_optimizer(config)
+    abstract = state_lib.abstract_state(config, tx)
+    state, ema = state_lib.init_state(config, tx, abstract)
+    held = heldout.HeldOut(config, abstract.graphdef, abstract.mesh, None)
     first, second = held.metrics(state["params"], ema), held.metrics(state["params"], ema)
     assert first == second and np.isfinite(first["heldout/loss_ema"])

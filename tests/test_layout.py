@@ -188,3 +188,42 @@ def test_training_imports_no_sampling_pipeline_routing_maps_or_geneval():
 def test_modules_stay_small(module):
   lines = len(MODULES[module].read_text().splitlines())
   assert lines <= MAX_LINES, f"{MODULES[module]} has {lines} lines (at most {MAX_LINES})"
+
+
+# Modules that may test the model family by its name: the task registry (the one map from `config.model.arch`
+# to a task) and the schema's family table (the schema imports nothing above it, so it cannot ask a task;
+# tests/test_tasks.py checks that its names agree with the registry's).
+ARCH_TESTS_ALLOWED = {"ec_dit.tasks": "the registry", "ec_dit.schema.class_cond": "the schema's FAMILIES table"}
+MODEL_NAMES = {"model", "m", "model_config", "model_lib"}
+
+
+def _arch_tests(module: str):
+  """(line, what) of each read of `.arch` on a model config (`model.arch`, `config.model.arch`, `m.arch`),
+  each `.get("arch", ...)` on one, and each call of an `is_class_cond` function."""
+  tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and node.attr == "arch" and isinstance(node.ctx, ast.Load):
+      owner = node.value
+      if (isinstance(owner, ast.Name) and owner.id in MODEL_NAMES) or (
+          isinstance(owner, ast.Attribute) and owner.attr == "model"):
+        yield node.lineno, ast.unparse(node)
+    elif isinstance(node, ast.Call):
+      fn = node.func
+      name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+      if name == "is_class_cond":
+        yield node.lineno, ast.unparse(node)
+      elif (name == "get" and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "arch"
+            and isinstance(fn, ast.Attribute)):
+        yield node.lineno, ast.unparse(node)
+
+
+def test_only_the_task_registry_tests_the_model_arch():
+  bad = [f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {what} (ask ec_dit.tasks.task_for(config) instead)"
+         for m in MODULES if m not in ARCH_TESTS_ALLOWED for line, what in _arch_tests(m)]
+  assert not bad, "\n".join(bad)
+
+
+def test_the_arch_check_sees_real_tests():
+  """Guards the checker itself: the registry's own read of the arch is found."""
+  assert list(_arch_tests("ec_dit.tasks")) and list(_arch_tests("ec_dit.schema.class_cond"))
+  assert set(ARCH_TESTS_ALLOWED) <= set(MODULES)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ec_dit import configs, evaluators
+from ec_dit import configs, evaluators, tasks
 from ec_dit.training import loop, report
 from dit_moe_fixtures import class_config
 from helpers import REPO, train_config
@@ -33,7 +33,7 @@ def test_a_short_run_ends_with_a_grid_a_routing_map_and_a_wrote_block(run):
   workdir, config, log = run
   assert (workdir / "samples" / "step_0000020.png").is_file()  # the last step, though 20 < eval_every_steps
   assert (workdir / "routing_maps" / "step_0000020.png").is_file()
-  params = loop.abstract_params(config)
+  params = tasks.task_for(config).abstract_params(config)
   size = report.count_params(params)
   assert size > 0 and f"model: {report._human(size)} parameters" in log
   assert log.index("model: ") < log.index("wrote:")

@@ -15,8 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ec_dit import diffusion, schema, sharding
-from ec_dit.model import abstract_model
+from ec_dit import diffusion, schema, sharding, tasks
 from ec_dit.tools import compile_report as aot
 from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from helpers import train_config
@@ -88,8 +87,8 @@ def test_every_parameter_is_sharded_by_its_logical_axes():
   config = _config(mesh=(1, 2, 2, 2), optimizer="adamw")
   mesh = _mesh(config)
   tx = optimizers.make_optimizer(config)
-  graphdef, state, ema = state_lib.init_state(config, tx, mesh)
-  abstract = nnx.state(abstract_model(config), nnx.Param)
+  state, ema = state_lib.init_state(config, tx, state_lib.abstract_state(config, tx, mesh))
+  abstract = nnx.state(tasks.task_for(config).abstract_model(config), nnx.Param)
   flat_vars = dict(nnx.to_flat_state(abstract))
   flat_params = dict(jax.tree_util.tree_flatten_with_path(state["params"])[0])
   assert len(flat_vars) == len(flat_params) > 20
@@ -124,7 +123,7 @@ def test_every_parameter_is_sharded_by_its_logical_axes():
 def test_muon_and_adamw_states_inside_a_partition_follow_their_parameters():
   config = _config(mesh=(1, 2, 2, 2), optimizer="muon", muon__experts=False)
   tx = optimizers.make_optimizer(config)
-  _, state, _ = state_lib.init_state(config, tx, _mesh(config))
+  state, _ = state_lib.init_state(config, tx, state_lib.abstract_state(config, tx, _mesh(config)))
   inner = state["opt_state"][1].inner_states
   muon_mu = inner["muon"].inner_state[0].mu
   adam_mu = inner["adamw"].inner_state[0].mu
@@ -149,8 +148,9 @@ def _batch(config, seed=0):
 def _probe(config, mesh, host_state, host_ema, batch):
   """(velocity, grads, next state, next ema, metrics) computed on `mesh`, as numpy."""
   tx = optimizers.make_optimizer(config)
-  graphdef, _, _, sh = state_lib.train_state_shardings(config, tx, mesh)
-  step = step_lib.make_train_step(config, graphdef, tx, mesh).__wrapped__  # the traced body of the real step
+  abstract = state_lib.abstract_state(config, tx, mesh)
+  graphdef, sh = abstract.graphdef, abstract.shardings
+  step = step_lib.make_train_step(config, abstract, tx).__wrapped__  # the traced body of the real step
   b = config.batch_size
 
   def probe(state, ema, batch):
@@ -175,7 +175,8 @@ def _probe(config, mesh, host_state, host_ema, batch):
 def test_sharded_forward_gradient_and_train_step_equal_single_device(variant):
   config = _config(variant, warmup_steps=0)  # a non-zero learning rate at the first step
   tx = optimizers.make_optimizer(config)
-  _, state, _ = state_lib.init_state(config, tx, _mesh(_config(variant, mesh=(1, 1, 1, 1)), 1))
+  one = _mesh(_config(variant, mesh=(1, 1, 1, 1)), 1)
+  state, _ = state_lib.init_state(config, tx, state_lib.abstract_state(config, tx, one))
   # perturb the zero-initialised adaLN / output layers so that every path carries signal
   leaves, treedef = jax.tree.flatten(jax.device_get(state["params"]))
   rng = np.random.default_rng(1)

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from ec_dit import diffusion, sharding
-from ec_dit.model import abstract_model
+from ec_dit import diffusion, sharding, tasks
 from ec_dit.tools import compile_report, hlo_collectives, roofline, tpu_chips, tpu_plan, tpu_report, tpu_topology
 from helpers import REPO, micro_config
 
@@ -99,7 +98,7 @@ def test_token_choice_with_capacity_and_dropless_compile_for_tpu(devices, capaci
 def test_sampler_compiles_for_tpu(devices):
   config = _config()
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = abstract_model(config)
+  model = tasks.task_for(config).abstract_model(config)
   model.eval()
   graphdef, params = nnx.split(model, nnx.Param)
   rep = sharding.replicated(mesh)

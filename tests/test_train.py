@@ -112,8 +112,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path, monkeypatch):
   original = step_lib.make_train_step
 
-  def make_poisoned(config, graphdef, tx):
-    step_fn = original(config, graphdef, tx)
+  def make_poisoned(config, abstract, tx):
+    step_fn = original(config, abstract, tx)
 
     def poisoned(state, ema, batch):
       step = int(state["step"]) + 1

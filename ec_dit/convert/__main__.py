@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-from ec_dit import errors, schema, upcycle
+from ec_dit import errors, schema, tasks, upcycle
 from ec_dit.convert import dit, dit_moe, pixart
 from ec_dit.upcycle import run as upcycle_run
 
@@ -74,9 +74,9 @@ def _dit_moe(parser, args):
     parser.error("--upcycle_experts: DiT-MoE checkpoints are MoEs already")
   config = load_config_file(args.config)
   schema.validate(config)
-  if config.model.arch != "dit_moe":
-    parser.error(f"--config: config.model.arch must be 'dit_moe' to import a DiT-MoE checkpoint, "
-                 f"got {config.model.arch!r}")
+  task = tasks.task_for(config)
+  if task.conditioning != tasks.CLASS_LABEL:
+    parser.error(f"--config: config.model.arch must be 'dit_moe' to import a DiT-MoE checkpoint, got {task.arch!r}")
   return dit_moe.convert_state_dict(dit_moe.load_state_dict(args.checkpoint, args.weights), config), config
 
 

@@ -200,9 +200,10 @@ def latents_source(folder: str | os.PathLike) -> LatentsSource:
   return LatentsSource(folder)
 
 
-def check_compatible(manifest: dict, model_config, prefix: str = "config.model", where: str = MANIFEST) -> None:
-  """The prepared shapes must fit the model: latent size and channels, text width and length (the text
-  only for the text-to-image model; the class-conditional `arch = "dit_moe"` reads latents and labels).
+def check_compatible(manifest: dict, model_config, prefix: str = "config.model", where: str = MANIFEST, *,
+                     text: bool = True) -> None:
+  """The prepared shapes must fit the model: latent size and channels, and with `text` (a task that reads
+  captions, `Task.needs_text_encoder`; not the class-conditional one) text width and length.
   Errors name the field and the manifest (`where`)."""
   shape = manifest.get("latent_shape")
   if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
@@ -211,8 +212,7 @@ def check_compatible(manifest: dict, model_config, prefix: str = "config.model",
   if h != w:
     raise errors.DataError(f"{where}: latent_shape {shape} is not square; the model takes input_size x input_size")
   expected = {"input_size": h, "in_channels": c}
-  class_cond = model_config.get("arch", "ec_dit") == "dit_moe"
-  if not class_cond:
+  if text:
     expected["context_dim"] = manifest["feature_dim"]
   for field, value in expected.items():
     if model_config[field] != value:
@@ -220,7 +220,7 @@ def check_compatible(manifest: dict, model_config, prefix: str = "config.model",
           f"{prefix}.{field}: the prepared data ({where}) has {value}, the config {model_config[field]}"
           + (" (prepared without T5 features: prepare with a text-to-image config and config.encoders.t5_path)"
              if not value else ""))
-  if not class_cond and manifest["context_len"] > model_config.context_len:
+  if text and manifest["context_len"] > model_config.context_len:
     raise errors.DataError(f"{prefix}.context_len: the data ({where}) was prepared with up to "
                            f"{manifest['context_len']} tokens, the model takes {model_config.context_len}")
 

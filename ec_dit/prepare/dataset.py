@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ec_dit import schema, workdir_lock
+from ec_dit import schema, tasks, workdir_lock
 from ec_dit.data import sources
 from ec_dit.encoders.frozen import FrozenEncoders
 from ec_dit.prepare import state, writer
@@ -28,9 +28,9 @@ def local_mesh() -> Mesh:
 
 
 def needs_text(config) -> bool:
-  """Whether prepare encodes captions with T5: not for a class-conditional config (`model.arch = "dit_moe"`),
-  whose records hold latents and labels only (empty features, `feature_dim` 0 in the manifest)."""
-  return config.model.arch != "dit_moe"
+  """Whether prepare encodes captions with T5: the task's `needs_text_encoder` (not for a class-conditional
+  config, whose records hold latents and labels only: empty features, `feature_dim` 0 in the manifest)."""
+  return tasks.task_for(config).needs_text_encoder
 
 
 def manifest_fields(config, encoders: FrozenEncoders, source: str) -> dict:

@@ -19,7 +19,6 @@ import ml_collections
 
 from ec_dit.schema.checks import fail, is_int, is_number
 
-ARCHS = ("ec_dit", "dit_moe")
 CLASS_OBJECTIVES = ("ddpm", "rectified_flow")   # DiT's gaussian diffusion, DiT-MoE's rectified_flow.py
 CLASS_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "rectified_flow": ("euler",)}
 DIT_MOE_FFN_KINDS = ("token_choice", "expert_choice")
@@ -59,15 +58,63 @@ def class_diffusion_defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def validate_class_cond(config) -> None:
-  """Checks `config.model.arch`, `config.model.class_cond` and `config.class_diffusion`.
+def _no_family_rules(config) -> None:
+  del config
 
-  Raises ValueError naming the first bad field. The DiT-MoE network has an MoE
-  FFN of SwiGLU experts in every block, so its `model.ffn` must say so.
+
+def _dit_moe_rules(config) -> None:
+  """The DiT-MoE network has an MoE FFN of SwiGLU experts in every block (or DiT's GELU MLP), so its
+  `model.ffn` must say so."""
+  m, c, f = config.model, config.model.class_cond, config.model.ffn
+  dit = c.ffn_style == "dit"
+  kinds, activation, why = ((DIT_FFN_KINDS, "gelu", "DiT's MLP") if dit else
+                            (DIT_MOE_FFN_KINDS, "swiglu", "its experts are SwiGLU"))
+  where = "class_cond.ffn_style='dit'" if dit else "model.arch='dit_moe'"
+  if f.kind not in kinds:
+    fail("model.ffn.kind", f"one of {kinds} with {where}", f.kind)
+  if f.activation != activation:
+    fail("model.ffn.activation", f"'{activation}' with {where} ({why})", f.activation)
+  if dit:
+    if f.kind != "dense" and f.num_shared_experts:
+      fail("model.ffn.num_shared_experts", f"0 with {where}", f.num_shared_experts)
+    return
+  if f.moe_every != 1 or f.dense_first_n != 0:
+    fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
+          (f.moe_every, f.dense_first_n))
+  if f.decoupled_routing:
+    fail("model.ffn.decoupled_routing", "False with model.arch='dit_moe' (its gate sees the FFN input)",
+          f.decoupled_routing)
+  if m.prediction != "velocity":
+    fail("model.prediction", "'velocity' with model.arch='dit_moe' (the output is the raw network output)",
+          m.prediction)
+
+
+# The one table of the schema keyed by the arch name: per family, whether its examples carry captions
+# (text) and its checks across sections. The schema sits below `ec_dit.tasks` (it imports nothing from
+# ec_dit) and validates before anything is built, so it cannot ask the task; tests/test_tasks.py checks
+# that these names and facts agree with the task registry's.
+FAMILIES = {
+    "ec_dit": dict(reads_text=True, rules=_no_family_rules),
+    "dit_moe": dict(reads_text=False, rules=_dit_moe_rules),
+}
+ARCHS = tuple(FAMILIES)  # `ec_dit.tasks.TASKS` maps each of these names to its task
+
+
+def family(config) -> dict:
+  """The `FAMILIES` entry of the config's arch (ValueError naming `config.model.arch` for an unknown one)."""
+  arch = config.model.get("arch", "ec_dit")
+  if arch not in FAMILIES:
+    fail("model.arch", f"one of {ARCHS}", arch)
+  return FAMILIES[arch]
+
+
+def validate_class_cond(config) -> None:
+  """Checks `config.model.arch` (with its family's rules), `config.model.class_cond` and `config.class_diffusion`.
+
+  Raises ValueError naming the first bad field.
   """
   m, c, d = config.model, config.model.class_cond, config.class_diffusion
-  if m.arch not in ARCHS:
-    fail("model.arch", f"one of {ARCHS}", m.arch)
+  rules = family(config)["rules"]
   if not is_int(c.num_classes) or c.num_classes < 1:
     fail("model.class_cond.num_classes", "a positive integer", c.num_classes)
   if not is_number(c.class_dropout) or not 0.0 <= c.class_dropout < 1.0:
@@ -81,29 +128,7 @@ def validate_class_cond(config) -> None:
     fail("model.class_cond.timestep_shift", "0 or 1", c.timestep_shift)
   if not is_number(c.mlp_norm_eps) or not 0 < c.mlp_norm_eps < 1:
     fail("model.class_cond.mlp_norm_eps", "a number in (0, 1)", c.mlp_norm_eps)
-  if m.arch == "dit_moe" and c.ffn_style == "dit":
-    f = m.ffn
-    if f.kind not in DIT_FFN_KINDS:
-      fail("model.ffn.kind", f"one of {DIT_FFN_KINDS} with class_cond.ffn_style='dit'", f.kind)
-    if f.activation != "gelu":
-      fail("model.ffn.activation", "'gelu' with class_cond.ffn_style='dit' (DiT's MLP)", f.activation)
-    if f.kind != "dense" and f.num_shared_experts:
-      fail("model.ffn.num_shared_experts", "0 with class_cond.ffn_style='dit'", f.num_shared_experts)
-  elif m.arch == "dit_moe":
-    f = m.ffn
-    if f.kind not in DIT_MOE_FFN_KINDS:
-      fail("model.ffn.kind", f"one of {DIT_MOE_FFN_KINDS} with model.arch='dit_moe'", f.kind)
-    if f.activation != "swiglu":
-      fail("model.ffn.activation", "'swiglu' with model.arch='dit_moe' (its experts are SwiGLU)", f.activation)
-    if f.moe_every != 1 or f.dense_first_n != 0:
-      fail("model.ffn.moe_every", "1 (and dense_first_n 0) with model.arch='dit_moe': an MoE in every block",
-           (f.moe_every, f.dense_first_n))
-    if f.decoupled_routing:
-      fail("model.ffn.decoupled_routing", "False with model.arch='dit_moe' (its gate sees the FFN input)",
-           f.decoupled_routing)
-    if m.prediction != "velocity":
-      fail("model.prediction", "'velocity' with model.arch='dit_moe' (the output is the raw network output)",
-           m.prediction)
+  rules(config)
   if d.objective not in CLASS_OBJECTIVES:
     fail("class_diffusion.objective", f"one of {CLASS_OBJECTIVES}", d.objective)
   if not is_int(d.num_timesteps) or d.num_timesteps < 2:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.checks import fail, is_int, is_number
-from ec_dit.schema.class_cond import validate_class_cond
+from ec_dit.schema.class_cond import family, validate_class_cond
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config, input_defaults)
@@ -154,7 +154,7 @@ def validate_training(config) -> None:
     fail("input.source", "'latents:DIR' with text.encoder='t5' (the model reads prepared T5 features; "
          "see the " + PREPARE_README + ")", config.input.source)
   if (config.text.encoder == "trainable" and parse_source(config.input.source)[0] == "latents"
-      and config.model.arch != "dit_moe"):  # the class-conditional DiT-MoE reads latents and labels, no text
+      and family(config)["reads_text"]):  # the class-conditional DiT-MoE reads latents and labels, no text
     fail("text.encoder", "'t5' for a 'latents:DIR' source (its examples hold T5 features, not captions)",
          config.text.encoder)
   e = config.encoders

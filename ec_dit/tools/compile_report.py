@@ -1,7 +1,6 @@
 """Ahead-of-time compilation of the train step: does a config fit its mesh? (`--mode=compile`)
 
-Lowers and compiles the real train step (`ec_dit.training.step.make_train_step`, or
-`ec_dit.training.class_cond`'s for DiT-MoE configs, with
+Lowers and compiles the real train step (`ec_dit.training.step.make_train_step`, of the config's task, with
 its in/out shardings and donation) for the configured mesh, from abstract
 inputs only (`jax.ShapeDtypeStruct`s with shardings): no weight is ever
 allocated, so a 97B model can be checked on a laptop with fake CPU devices:
@@ -28,31 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec_dit import sharding
-from ec_dit.model import is_class_cond
+from ec_dit import sharding, tasks
 from ec_dit.moe import grouped
-from ec_dit.training import arch, optimizers
+from ec_dit.training import optimizers, state as state_lib, step as step_lib
 
 GiB = 1024 ** 3
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
 def abstract_batch(config, mesh) -> dict:
-  """ShapeDtypeStructs of one global training batch, sharded like the train step expects."""
-  m = config.model
-  b = config.batch_size
-  sh = sharding.batch_sharding(mesh, config.mesh.rules, b)
-  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  latent = (b, m.input_size, m.input_size, m.in_channels)
-  if is_class_cond(config):  # DiT-MoE: prepared latents and class labels (`training.arch.train_batch`)
-    return {"latent_mean": sds(latent, jnp.float32), "latent_std": sds(latent, jnp.float32),
-            "label": sds((b,), jnp.int32)}
-  if config.text.encoder == "t5":  # prepared latents: posterior statistics and T5 features
-    return {"latent_mean": sds(latent, jnp.float32), "latent_std": sds(latent, jnp.float32),
-            "features": sds((b, m.context_len, m.context_dim), jnp.float32),
-            "mask": sds((b, m.context_len), jnp.bool_), "label": sds((b,), jnp.int32)}
-  return {"image": sds(latent, jnp.float32), "tokens": sds((b, m.context_len), jnp.int32),
-          "mask": sds((b, m.context_len), jnp.bool_)}
+  """ShapeDtypeStructs of one global training batch, sharded like the train step expects (the task's batch)."""
+  return tasks.task_for(config).abstract_batch(
+      config, sharding.batch_sharding(mesh, config.mesh.rules, config.batch_size))
 
 
 def _cast(tree, dtype):
@@ -83,13 +69,13 @@ def compile_train_step(config, mesh=None, *, param_dtype: str = "float32"):
   config = for_platform(config, mesh.devices.flat[0].platform)
   tx = optimizers.make_optimizer(config)
   t0 = time.time()
-  steps = arch.steps_for(config)  # the text-to-image or the class-conditional step (config.model.arch)
-  graphdef, state, ema, _ = steps.train_state_shardings(config, tx, mesh)
+  abstract = state_lib.abstract_state(config, tx, mesh)
+  state, ema = abstract.state, abstract.ema
   if param_dtype != "float32":
     dtype = jnp.dtype(param_dtype)
     state = dict(state, params=_cast(state["params"], dtype), opt_state=_cast(state["opt_state"], dtype))
     ema = _cast(ema, dtype)
-  step = steps.make_train_step(config, graphdef, tx, mesh)
+  step = step_lib.make_train_step(config, abstract, tx)
   lowered = step.lower(state, ema, abstract_batch(config, mesh))
   t1 = time.time()
   compiled = lowered.compile()

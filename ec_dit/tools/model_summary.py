@@ -22,8 +22,8 @@ from typing import Any
 
 from flax import nnx
 
-from ec_dit import schema
-from ec_dit.model import abstract_model, dit, dit_moe, is_class_cond
+from ec_dit import schema, tasks
+from ec_dit.model import dit, dit_moe
 
 
 def _config_of(model_config):
@@ -32,11 +32,15 @@ def _config_of(model_config):
   return config
 
 
+def _is_class_conditional(model_config) -> bool:
+  return tasks.task_for(_config_of(model_config)).conditioning == tasks.CLASS_LABEL
+
+
 def abstract_dit(model_config) -> dit.DiT | dit_moe.DiTMoE:
   """The diffusion network of `model_config` with ShapeDtypeStructs in place of arrays (no memory allocated):
   the text-to-image model's DiT, or the DiT-MoE network for `arch = "dit_moe"`."""
   config = _config_of(model_config)
-  return abstract_model(config) if is_class_cond(config) else abstract_model(config).dit
+  return tasks.task_for(config).abstract_denoiser(config)
 
 
 def _path_str(path) -> str:
@@ -80,7 +84,7 @@ def class_cond_flops_per_image(m) -> int:
 
 def flops_per_image(m) -> int:
   """Forward FLOPs of one denoising step for one image (see module docstring)."""
-  if m.get("arch", "ec_dit") == "dit_moe":
+  if _is_class_conditional(m):
     return class_cond_flops_per_image(m)
   d, f = m.hidden_size, m.ffn
   n = (m.input_size // m.patch_size) ** 2
@@ -119,7 +123,7 @@ def summarize(model_config) -> dict[str, Any]:
   rows = param_table(model)
   total = sum(math.prod(shape) for _, shape, _ in rows)
   expert = sum(math.prod(shape) for path, shape, _ in rows if "/experts/" in path)
-  class_cond = is_class_cond(_config_of(model_config))
+  class_cond = _is_class_conditional(model_config)
   dit_style = class_cond and model_config.class_cond.get("ffn_style", "dit_moe") == "dit"
   moe_layers = model_config.depth if class_cond and not dit_style else sum(
       dit.is_moe_layer(i, model_config.ffn) for i in range(model_config.depth))

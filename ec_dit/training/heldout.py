@@ -34,9 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import class_diffusion, diffusion, sharding, text_ddpm
+from ec_dit import sharding, tasks
 from ec_dit.data import pipeline as data_pipeline, sources
-from ec_dit.model import is_class_cond
 
 NOISE_KEY, LATENT_KEY = 0, 1  # folded into the held-out seed's key
 
@@ -76,8 +75,7 @@ class HeldOut:
     pad = (-n) % self.batch_size
     take = np.concatenate([np.arange(n), np.arange(pad) % n])
     self.weights = np.concatenate([np.ones(n), np.zeros(pad)]).reshape(-1, self.batch_size)
-    keys = ("image", "label") if is_class_cond(config) else ("image", "features" if "features" in examples
-                                                               else "tokens", "mask")
+    keys = tasks.task_for(config).heldout_keys(examples)
     self.batches = [{k: examples[k][take[i:i + self.batch_size]] for k in keys}
                     for i in range(0, len(take), self.batch_size)]
     self.noise = [noise[:, take[i:i + self.batch_size]] for i in range(0, len(take), self.batch_size)]
@@ -108,32 +106,8 @@ class HeldOut:
 
 
 def _make_losses(config, graphdef, mesh, t_values):
-  """jit(params, batch, noise [T, B, ...]) -> per-example losses [T, B] at each t of the grid."""
-  class_cond = is_class_cond(config)
-  ddpm = class_diffusion.make_diffusion(config) if class_cond and config.class_diffusion.objective == "ddpm" else None
-  if not class_cond and config.model.prediction == "epsilon":  # DDPM text-to-image (PixArt-alpha)
-    ddpm = text_ddpm.diffusion(config.model.learn_sigma)
-
-  def one_t(model, batch, noise, t):
-    x0 = batch["image"]
-    b, axes = x0.shape[0], tuple(range(1, x0.ndim))
-    if not class_cond:
-      tb = jnp.full((b,), t, jnp.float32)
-      text = batch["features"] if "features" in batch else batch["tokens"]
-      if ddpm is not None:  # MSE + VB at timestep round(t (T - 1)), as the class-conditional DDPM below
-        steps = jnp.full((b,), int(round(t * (ddpm.num_timesteps - 1))), jnp.int32)
-        terms, _ = ddpm.training_losses(lambda x, s: model(x, s, text, batch["mask"]), x0, steps, noise)
-        return terms["loss"]
-      v, _ = model(diffusion.interpolate(x0, noise, tb), tb, text, batch["mask"])
-      return diffusion.loss_weight(tb, config.diffusion.loss_t_min) * jnp.mean(jnp.square(v - (noise - x0)), axes)
-    keep = jnp.zeros((b,), bool)  # labels always given
-    if ddpm is not None:
-      steps = jnp.full((b,), int(round(t * (ddpm.num_timesteps - 1))), jnp.int32)
-      terms, _ = ddpm.training_losses(lambda x, s: model(x, s, batch["label"], drop_mask=keep), x0, steps, noise)
-      return terms["loss"]
-    tb = jnp.full((b,), t, jnp.float32)
-    out, _ = model((1 - t) * x0 + t * noise, tb, batch["label"], drop_mask=keep)
-    return jnp.mean(jnp.square(noise - x0 - out[..., :x0.shape[-1]]), axes)
+  """jit(params, batch, noise [T, B, ...]) -> per-example losses [T, B] at each t of the grid (the task's loss)."""
+  one_t = tasks.task_for(config).heldout_loss(config)
 
   def losses(params, batch, noise):
     with sharding.activation_sharding(mesh, config.mesh.rules):

@@ -22,12 +22,10 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from ec_dit import checkpoint, schema, sharding, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, schema, sharding, tasks, tokenizer as tokenizer_lib
 from ec_dit.data import latents, pipeline as data_pipeline, sources
-from ec_dit.model import abstract_params, is_class_cond  # noqa: F401 - abstract_params re-exported
-from ec_dit.training import (arch, heldout as heldout_lib, metrics as metrics_lib, optimizers,
-                             preemption as preemption_lib, report as report_lib, step as step_lib,
-                             workdir as workdir_lib)
+from ec_dit.training import (heldout as heldout_lib, metrics as metrics_lib, optimizers, preemption as preemption_lib,
+                             report as report_lib, state as state_lib, step as step_lib, workdir as workdir_lib)
 
 
 # ----------------------------------------------------------------------------
@@ -48,13 +46,14 @@ class PeriodicJob(Protocol):
 
 def _tokenize(config):
   """The trainable encoder's tokenizer; None for prepared latents, whose examples hold T5 features
-  (their shapes are checked against the model here, before anything is built). A class-conditional
-  run (DiT-MoE) reads prepared latents with labels only."""
-  if is_class_cond(config):
-    arch.check_class_cond_source(config)
+  (their shapes are checked against the model here, before anything is built). The task checks the source
+  first (a class-conditional run reads prepared latents with labels only)."""
+  task = tasks.task_for(config)
+  task.check_source(config)
   kind, folder = schema.parse_source(config.input.source)
   if kind == "latents":
-    latents.check_compatible(latents.read_manifest(folder), config.model, where=os.path.join(folder, latents.MANIFEST))
+    latents.check_compatible(latents.read_manifest(folder), config.model, text=task.needs_text_encoder,
+                             where=os.path.join(folder, latents.MANIFEST))
     return None
   return tokenizer_lib.tokenizer_from_config(config).encode
 
@@ -85,7 +84,7 @@ def _lock(workdir: str, is_main: bool, report):
 def _save(manager, workdir, step, state, ema, data_iter, pending, *, force=False) -> int:
   """Starts an async save of `step`; a failure (also of the previous, `pending` save) is one SaveError."""
   try:
-    checkpoint.save(manager, step, state, ema, data_iter, force=force)
+    checkpoint.save(manager, step, state, ema, data_iter, iterator_args=data_pipeline.iterator_save_args, force=force)
   except Exception as e:  # noqa: BLE001 - surfaced as one message
     failed = pending if pending is not None and pending not in checkpoint.saved_steps(workdir) else step
     raise checkpoint.save_error(workdir, failed, e) from None
@@ -157,20 +156,22 @@ def _train(config, workdir, preemption, report, jobs) -> dict[str, Any]:
       holdout=config.heldout.num_examples)
   data_iter = iter(dataset)
 
-  # -- Mesh, model and optimizer (sharded, abstract first) ----------------
+  # -- Mesh, model and optimizer (sharded, abstract first: built once, passed down) ----
+  task = tasks.task_for(config)
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizers.make_optimizer(config)
-  steps = arch.steps_for(config)  # text-to-image or class-conditional (config.model.arch)
-  _, abstract_state, abstract_ema, shardings = steps.train_state_shardings(config, tx, mesh)
+  abstract = state_lib.abstract_state(config, tx, mesh)
+  shardings = abstract.shardings
   step_lib.check_batch_split(config, shardings["batch"])
-  report(report_lib.model_size_line(config, abstract_ema))
-  graphdef, state, ema = steps.init_state(config, tx, mesh)
+  report(report_lib.model_size_line(config, abstract.ema))
+  state, ema = state_lib.init_state(config, tx, abstract)
 
   # -- Checkpoint: resume from the latest good one (onto this mesh, whatever mesh saved it)
   if is_main:
     workdir_lib.remove_partial_checkpoints(workdir, report)
   manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest_good(manager, abstract_state, abstract_ema, data_iter, report=report)
+  restored = checkpoint.restore_latest_good(manager, abstract.state, abstract.ema, data_iter,
+                                           iterator_args=data_pipeline.iterator_restore_args, report=report)
   if restored is not None:
     start, state, ema, data_iter = restored
     report(f"resumed from step {start} in {checkpoint.checkpoint_dir(workdir)}")
@@ -182,8 +183,8 @@ def _train(config, workdir, preemption, report, jobs) -> dict[str, Any]:
   if is_main:
     workdir_lib.write_config(workdir, config)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  train_step = steps.make_train_step(config, graphdef, tx)
-  heldout = heldout_lib.held_out_or_none(config, graphdef, mesh, tokenize, report)  # ec_dit.training.heldout
+  train_step = step_lib.make_train_step(config, abstract, tx)
+  heldout = heldout_lib.held_out_or_none(config, abstract.graphdef, mesh, tokenize, report)  # ec_dit.training.heldout
 
   # -- Loop ----------------------------------------------------------------
   metrics: dict[str, Any] = {}
@@ -208,7 +209,7 @@ def _train(config, workdir, preemption, report, jobs) -> dict[str, Any]:
       break
     local = dict(next(data_iter))
     bad = int(np.sum(local.pop("bad"))) if "bad" in local else 0
-    batch = data_pipeline.global_batch(arch.train_batch(config, local), shardings["batch"])
+    batch = data_pipeline.global_batch(task.train_batch(config, local), shardings["batch"])
     state, ema, metrics = train_step(state, ema, batch)
 
     # The previous step is checked now, while this one runs: reading this step's loss would make the host

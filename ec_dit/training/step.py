@@ -1,4 +1,5 @@
-"""The jitted train step: rectified-flow loss, gradients, optimizer update and EMA, with router diagnostics."""
+"""The one jitted train step of every task: the task's loss, gradients, optimizer update and EMA, with router
+diagnostics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ec_dit import diffusion, sharding, text_ddpm
+from ec_dit import sharding, tasks
 from ec_dit.training import state as state_lib
 
 
@@ -29,36 +30,19 @@ def summarize_diagnostics(moe: dict) -> dict[str, jax.Array]:
   return out
 
 
-LATENT_KEY = 1  # folded into a step's key for its latent draws; the loss splits the step key itself
+def make_train_step(config, abstract: state_lib.AbstractState, tx):
+  """The jitted update of the config's task: loss, gradients, optimizer (config.optimizer), EMA; state and
+  EMA buffers are donated.
 
-
-def draw_latents(batch: dict, key: jax.Array) -> jax.Array:
-  """The images a step trains on: `batch["image"]` (pixels, or latents given directly), or for prepared
-  latents a fresh draw latent_mean + latent_std * eps, eps from fold_in(step key, LATENT_KEY), so a
-  resumed run draws the same. Shared by the text-to-image and the class-conditional steps."""
-  if "latent_mean" not in batch:
-    return batch["image"]
-  eps = jax.random.normal(jax.random.fold_in(key, LATENT_KEY), batch["latent_mean"].shape, jnp.float32)
-  return batch["latent_mean"] + batch["latent_std"] * eps
-
-
-def model_inputs(batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(images, text) the model trains on: pixels and token ids, or for prepared latents a fresh
-  draw (`draw_latents`) and the T5 features."""
-  return draw_latents(batch, key), batch["features" if "latent_mean" in batch else "tokens"]
-
-
-def make_train_step(config, graphdef, tx, mesh=None):
-  """The jitted update: loss, gradients, optimizer (config.optimizer), EMA; state and EMA buffers are donated.
-
-  Jitted with explicit in/out shardings on `mesh` (default: the config's mesh):
-  state and EMA by the parameters' logical axes, the batch over the `batch`
-  rule's axes, metrics replicated. The MoE layers' activation constraints are
-  active while the step is traced.
+  Jitted with explicit in/out shardings from `abstract` (the run's
+  `state.abstract_state`, built once): state and EMA by the parameters' logical
+  axes, the batch over the `batch` rule's axes, metrics replicated. The MoE
+  layers' activation constraints are active while the step is traced. Metrics:
+  loss, the task's `metric_keys` (mse, aux_loss; vb for class-conditional),
+  grad_norm, params_finite and the per-layer router diagnostics.
   """
-  d = config.diffusion
-  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  _, _, _, shardings = state_lib.train_state_shardings(config, tx, mesh)
+  task = tasks.task_for(config)
+  graphdef, shardings, mesh = abstract.graphdef, abstract.shardings, abstract.mesh
 
   def train_step(state, ema, batch):
     with sharding.activation_sharding(mesh, config.mesh.rules):
@@ -66,15 +50,10 @@ def make_train_step(config, graphdef, tx, mesh=None):
 
   def _train_step(state, ema, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-    images, text = model_inputs(batch, key)
+    inputs = task.model_inputs(config, batch, key)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      if config.model.prediction == "epsilon":  # DDPM (PixArt-alpha): ec_dit.text_ddpm
-        return text_ddpm.loss(model, images, text, batch["mask"], key, uncond_prob=d.uncond_prob)
-      return diffusion.rectified_flow_loss(model, images, text, batch["mask"], key,
-                                           t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
-                                           loss_t_min=d.loss_t_min)
+      return task.loss(config, nnx.merge(graphdef, params), inputs, key)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -82,7 +61,7 @@ def make_train_step(config, graphdef, tx, mesh=None):
     decay = state_lib.ema_decay(config, state["step"])
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = {"loss": loss, "mse": aux["mse"], "aux_loss": aux["aux_loss"], "params_finite": params_finite,
+    metrics = {"loss": loss, **{k: aux[k] for k in task.metric_keys}, "params_finite": params_finite,
                "grad_norm": optax.global_norm(grads), **summarize_diagnostics(aux["moe"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, ema, metrics
 

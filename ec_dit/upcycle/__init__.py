@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 
 ROUTINGS = {"ec": "expert_choice", "tc": "token_choice"}
 ROUTER_INITS = ("normal", "zeros")
@@ -50,12 +50,9 @@ def _is_moe_layer(index: int, f) -> bool:
 
 def _blocks_path(config) -> tuple[tuple, str]:
   """Where the per-block FFN parameters live: (path to the blocks dict, the FFN's key in a block)."""
-  if config.model.arch == "dit_moe":
-    if config.model.class_cond.ffn_style != "dit":
-      raise ValueError("upcycling needs DiT's GELU FFN (config.model.class_cond.ffn_style='dit'); DiT-MoE runs "
-                       "(SwiGLU experts) are MoEs already")
-    return ("blocks",), "mlp"
-  return ("dit", "blocks"), "ffn"
+  task = tasks.task_for(config)
+  task.check_upcyclable(config)
+  return task.ffn_blocks
 
 
 def upcycled_config(config, *, num_experts: int, routing: str, moe_every: int = 2, dense_first_n: int = 0,

@@ -15,10 +15,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ec_dit import checkpoint, upcycle
+from ec_dit import checkpoint, tasks, upcycle
 from ec_dit.convert import dit_moe as dit_moe_convert
 from ec_dit.inference import load_run_config
-from ec_dit.model import abstract_params
 from ec_dit.training import optimizers
 
 
@@ -28,7 +27,7 @@ def restore_state(config, workdir: str):
   steps = checkpoint.saved_steps(workdir) if os.path.isdir(path) else []
   if not steps:
     raise FileNotFoundError(f"no checkpoints in {path}")
-  params = abstract_params(config)
+  params = tasks.task_for(config).abstract_params(config)
   tx = optimizers.make_optimizer(config)
   target = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params)}
   with ocp.CheckpointManager(path, item_names=("state", "ema", "data_iter")) as manager:
