@@ -24,8 +24,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from ec_dit import (checkpoint, command_line, configs, errors, evaluators, host_memory, inference, inference_class,
-                    routing_maps, schema, tasks)
+from ec_dit import (checkpoint, command_line, configs, errors, evaluators, host_memory, inference, routing_maps,
+                    schema, tasks)
+from ec_dit.inference import class_to_image as inference_class
 from ec_dit.data import sources
 from ec_dit.geneval import generate
 from ec_dit.tools import compile_report, model_summary, tpu_plan, tpu_topology

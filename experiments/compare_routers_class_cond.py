@@ -46,7 +46,8 @@ from flax import nnx
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ec_dit import class_diffusion, sharding, tasks  # noqa: E402
+from ec_dit import sharding, tasks
+from ec_dit.diffusion import class_labels as class_diffusion  # noqa: E402
 from ec_dit.data import shapes_world  # noqa: E402
 from ec_dit.training import optimizers, state as state_lib, step as step_lib  # noqa: E402
 from configs import dit_moe as dit_moe_configs  # noqa: E402

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import class_diffusion, ddpm
+from ec_dit.diffusion import class_labels as class_diffusion
+from ec_dit.diffusion import ddpm
 from dit_moe_fixtures import nchw, nhwc, reference, tiny_config, tiny_model
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ec_dit import class_diffusion, ddpm
+from ec_dit.diffusion import class_labels as class_diffusion
+from ec_dit.diffusion import ddpm
 from ec_dit.convert import dit, mapping
 from ec_dit.tools import model_summary
 from helpers import load_config
@@ -51,7 +52,7 @@ def test_diffusers_folder_matches_with_and_without_guidance():
 
 
 def test_ddim_trajectory_matches_diffusers_scheduler():
-  """DiTPipeline's loop with DDIMScheduler (10 leading steps, guidance 4): the same respacing in ec_dit.ddpm."""
+  """DiTPipeline's loop with DDIMScheduler (10 leading steps, guidance 4): the same respacing in ec_dit.diffusion.ddpm."""
   model, config = dit.load(DIFFUSERS)
   ref = np.load(os.path.join(DIFFUSERS, "reference.npz"))
   proc = ddpm.Diffusion.create(ddpm.linear_betas(1000), use_timesteps=ddpm.space_timesteps(1000, "ddim10"))

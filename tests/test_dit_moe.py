@@ -14,7 +14,7 @@ from flax import nnx
 
 from ec_dit import schema
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
-from ec_dit.inference_class import ClassToImagePipeline
+from ec_dit.inference.class_to_image import ClassToImagePipeline
 from ec_dit.model import dit_moe
 from dit_moe_fixtures import CHECKPOINT, apply, model_from, nchw, nhwc, reference, state_dict, tiny_config, tiny_model
 from helpers import load_config

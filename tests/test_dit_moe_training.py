@@ -18,7 +18,7 @@ from PIL import Image
 from ec_dit import checkpoint, evaluators, tasks
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
 from ec_dit.data import latents, pipeline as data_pipeline
-from ec_dit.inference_class import sample_to_files
+from ec_dit.inference.class_to_image import sample_to_files
 from ec_dit.model import dit_moe
 from ec_dit.tools import compile_report, model_summary
 from ec_dit.training import loop

@@ -38,15 +38,15 @@ FORBIDDEN = {
     "ec_dit.moe": ("ec_dit.model", "ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference",
                    "ec_dit.checkpoint", "ec_dit.diffusion"),
     "ec_dit.model": ("ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference", "ec_dit.checkpoint",
-                     "ec_dit.diffusion", "ec_dit.tools", "ec_dit.ddpm", "ec_dit.class_diffusion", "ec_dit.convert"),
+                     "ec_dit.diffusion", "ec_dit.tools", "ec_dit.diffusion.ddpm", "ec_dit.diffusion.class_labels", "ec_dit.convert"),
     "ec_dit.diffusion": ("ec_dit.training", "ec_dit.data", "ec_dit.geneval", "ec_dit.inference"),
     "ec_dit.data": ("ec_dit.geneval", "ec_dit.training", "ec_dit.model", "ec_dit.inference"),
     "ec_dit.checkpoint": ("ec_dit.training", "ec_dit.geneval", "ec_dit.inference"),
     "ec_dit.inference": ("ec_dit.training", "ec_dit.geneval"),
     # DiT-MoE (issue 19): the unpickler and DDPM math stand alone; losses and samplers take any model.
-    "ec_dit.torch_pickle": ("ec_dit.",),
-    "ec_dit.ddpm": ("ec_dit.",),
-    "ec_dit.class_diffusion": ("ec_dit.model", "ec_dit.training", "ec_dit.data", "ec_dit.geneval",
+    "ec_dit.convert.torch_pickle": ("ec_dit.",),
+    "ec_dit.diffusion.ddpm": ("ec_dit.",),
+    "ec_dit.diffusion.class_labels": ("ec_dit.model", "ec_dit.training", "ec_dit.data", "ec_dit.geneval",
                                "ec_dit.inference", "ec_dit.checkpoint"),
 }
 
@@ -166,7 +166,7 @@ def test_the_graph_sees_real_edges():
 
 # Training drives no sampling pipeline, figure or evaluation: `ec_dit.evaluators` builds those jobs (sample grids,
 # routing maps, GenEval) and passes them into the loop as callables.
-NOT_IMPORTED_BY_TRAINING = ("ec_dit.inference", "ec_dit.inference_class", "ec_dit.routing_maps", "ec_dit.routing_trace",
+NOT_IMPORTED_BY_TRAINING = ("ec_dit.inference", "ec_dit.inference.class_to_image", "ec_dit.routing_maps", "ec_dit.routing_maps.trace",
                             "ec_dit.geneval")
 
 

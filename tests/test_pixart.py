@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ec_dit import schema, text_ddpm
+from ec_dit import schema
+from ec_dit.diffusion import text_ddpm
 from ec_dit.convert import mapping, pixart
 from ec_dit.encoders import hf_checkpoint
 from ec_dit.model import text_to_image

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import class_diffusion, primitives
+from ec_dit import primitives
+from ec_dit.diffusion import class_labels as class_diffusion
 from ec_dit.model import dit_moe
 from dit_moe_fixtures import tiny_config
 

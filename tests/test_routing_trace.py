@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import diffusion, model as model_lib, routing_trace
+from ec_dit import diffusion, model as model_lib
+from ec_dit.routing_maps import trace as routing_trace
 from ec_dit.inference import TextToImagePipeline
 from helpers import micro_config
 

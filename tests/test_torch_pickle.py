@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ec_dit import errors, torch_pickle
+from ec_dit import errors
+from ec_dit.convert import torch_pickle
 from dit_moe_fixtures import CHECKPOINT, FIXTURES
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ec_dit import errors, inference, routing_trace
+from ec_dit import errors, inference
+from ec_dit.routing_maps import trace as routing_trace
 from ec_dit.encoders import hf_checkpoint
 from ec_dit.geneval import prompts, reference
 from ec_dit.geneval.cli import main as geneval

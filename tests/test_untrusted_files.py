@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from ec_dit import errors, torch_pickle
+from ec_dit import errors
+from ec_dit.convert import torch_pickle
 from ec_dit.convert import __main__ as convert_cli
 from dit_moe_fixtures import CHECKPOINT
 from untrusted_pickles import BUILD, REDUCE, SETITEM, glob, obj, tensor, write_pt

@@ -2,7 +2,7 @@
 
 `python tests/untrusted_pickles.py SECONDS SEED` mutates the committed fixtures
 (tests/fixtures/dit_moe/tiny.pt, tiny_subset.safetensors) for about SECONDS, loads
-each mutation with `ec_dit.torch_pickle.load` and prints one JSON line of counts.
+each mutation with `ec_dit.convert.torch_pickle.load` and prints one JSON line of counts.
 It runs in its own process so that a crash shows as an exit code, and caps its
 address space at a multiple of the fixture's size above what a clean load used, so
 an oversized allocation fails the run. A mutation must either raise
@@ -118,7 +118,8 @@ def _rezip(entries: list[tuple[str, bytes]], pkl_name: str, pkl: bytes) -> bytes
 
 def fuzz(seconds: float, seed: int) -> dict:
   """Mutates the fixtures for `seconds`; returns counts (raises on a violation)."""
-  from ec_dit import errors, torch_pickle  # noqa: PLC0415 - the fuzzer runs as a script
+  from ec_dit import errors
+  from ec_dit.convert import torch_pickle  # noqa: PLC0415 - the fuzzer runs as a script
 
   rng = random.Random(seed)
   pt, st = FIXTURES / "tiny.pt", FIXTURES / "tiny_subset.safetensors"

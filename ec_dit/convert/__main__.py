@@ -8,7 +8,7 @@
 
 `--config` is a config file with an optional variant, as `ec_dit.main`'s
 `--config=file.py:VARIANT`. The output is a run directory that
-`ec_dit.inference_class.ClassToImagePipeline.from_run` loads. Expected failures (a bad or
+`ec_dit.inference.class_to_image.ClassToImagePipeline.from_run` loads. Expected failures (a bad or
 unsafe checkpoint, a mismatch with the config, a full disk) are one line on stderr, exit code 2.
 """
 

@@ -7,7 +7,7 @@
 
     python -m ec_dit.convert dit --checkpoint FILE_OR_DIR --out RUN [--upcycle_experts=E --routing=ec|tc]
 
-A `.pt` file is read through the restricted unpickler (`ec_dit.torch_pickle`,
+A `.pt` file is read through the restricted unpickler (`ec_dit.convert.torch_pickle`,
 never running code from the file): the state dict itself, or a training
 checkpoint's "ema" (else "model") entry. The number of heads is not in a state
 dict: it is DiT's for the released widths (`DIT_HEADS`) or `num_heads=`.

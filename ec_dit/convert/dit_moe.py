@@ -3,7 +3,7 @@
     python -m ec_dit.convert dit_moe --checkpoint dit_moe_s_8E2A.pt \\
         --config configs/dit_moe.py:S-8E2A --out runs/dit_moe_s_8E2A
 
-The PyTorch state dict is read without PyTorch (`ec_dit.torch_pickle`), mapped
+The PyTorch state dict is read without PyTorch (`ec_dit.convert.torch_pickle`), mapped
 name by name onto `ec_dit.model.dit_moe.DiTMoE` (`convert_state_dict`), checked
 against the config (missing and unexpected keys, shapes, experts per block,
 depth, attention kind), and written as a run directory: `config.json` and an
@@ -19,7 +19,8 @@ import os
 import jax
 import numpy as np
 
-from ec_dit import checkpoint, errors, torch_pickle
+from ec_dit import checkpoint, errors
+from ec_dit.convert import torch_pickle
 from ec_dit.convert import mapping
 from ec_dit.convert.mapping import CheckpointMismatch  # noqa: F401 (also this module's public name)
 from ec_dit.model import dit_moe

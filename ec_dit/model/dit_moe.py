@@ -25,7 +25,7 @@ MoE of such experts (an upcycled DiT). `class_cond.timestep_shift = 1` and
 
 Labels: index `num_classes` is the null class. The model never draws random
 numbers: label dropout for guidance is the caller's `drop_mask` (see
-`ec_dit.class_diffusion`), so losses and tests control it exactly.
+`ec_dit.diffusion.class_labels`), so losses and tests control it exactly.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two pieces of the config belong to class-conditional models:
   `ec_dit.model.dit_moe`), and `config.model.class_cond` holds the fields only
   the class-conditional network reads.
 * `config.class_diffusion` holds its diffusion process and sampler
-  (`ec_dit.ddpm`, `ec_dit.class_diffusion`).
+  (`ec_dit.diffusion.ddpm`, `ec_dit.diffusion.class_labels`).
 
 Like the rest of `ec_dit.schema`, this module imports nothing else from `ec_dit`
 (not even `ec_dit.schema.validation`, which imports it).

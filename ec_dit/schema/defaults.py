@@ -27,7 +27,7 @@ OPTIMIZERS = ("adamw", "muon")
 PREDICTIONS = ("velocity", "x0", "epsilon")  # what the network outputs (ec_dit.model.dit)
 CONDITIONINGS = ("adaln_zero", "adaln_single")  # per-block adaLN-Zero (DiT) or PixArt-alpha's adaLN-single
 POSITIONS = ("ec_dit", "pixart")  # 2-D sin-cos order and scaling (ec_dit.model.embeddings)
-DDPM_SAMPLERS = ("ddpm", "ddim")  # text-to-image samplers of prediction="epsilon" models (ec_dit.text_ddpm)
+DDPM_SAMPLERS = ("ddpm", "ddim")  # text-to-image samplers of prediction="epsilon" models (ec_dit.diffusion.text_ddpm)
 DDPM_TIMESTEPS = 1000  # prediction="epsilon": PixArt-alpha's (and DiT's) linear betas 1e-4..0.02 over 1000 steps
 REMAT_POLICIES = ("none", "full", "dots")  # activation checkpointing per block (ec_dit.model.dit)
 TOKENIZERS = ("words", "bytes")

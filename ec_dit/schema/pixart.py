@@ -21,7 +21,7 @@ def pixart_alpha_config(resolution: int = 256) -> ml_collections.ConfigDict:
   """PixArt-alpha XL/2 (Chen et al. 2023) as options of the text-to-image DiT: d 1152, 28 layers, 16 heads,
   a dense GELU FFN of width 4d, adaLN-single, caption projection from T5-XXL (4096) at 120 tokens, an
   epsilon-predicting DDPM with learned sigma (8 channels); the 1024 px model adds micro-conditions and
-  positions at interpolation scale 2. Sampled with DDIM (`ec_dit.text_ddpm`) and guidance 4.5."""
+  positions at interpolation scale 2. Sampled with DDIM (`ec_dit.diffusion.text_ddpm`) and guidance 4.5."""
   if resolution not in PIXART_RESOLUTIONS:
     raise ValueError(f"PixArt-alpha resolution must be one of {PIXART_RESOLUTIONS}, got {resolution!r}")
   config = paper_config(hidden_size=1152, depth=28, num_heads=16, num_experts=32)

@@ -2,7 +2,7 @@
 
 It trains on prepared latents with class labels (`config.input.source = "latents:DIR"`
 of an ImageNet-style folder of class subfolders; docs/dit_moe.md), by
-`config.class_diffusion.objective` (`ec_dit.class_diffusion`: DDPM or rectified flow).
+`config.class_diffusion.objective` (`ec_dit.diffusion.class_labels`: DDPM or rectified flow).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec_dit import class_diffusion, schema
+from ec_dit import schema
+from ec_dit.diffusion import class_labels as class_diffusion
 from ec_dit.model import dit_moe
 from ec_dit.tasks.base import CLASS_LABEL, Task, draw_latents
 

@@ -3,7 +3,7 @@
 Examples carry captions: token ids for the trainable encoder, or T5 features from
 prepared latents (`config.text.encoder = "t5"`). The loss is rectified flow
 (`ec_dit.diffusion`), or DDPM for `model.prediction = "epsilon"` (PixArt-alpha,
-`ec_dit.text_ddpm`).
+`ec_dit.diffusion.text_ddpm`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import diffusion, text_ddpm
+from ec_dit import diffusion
+from ec_dit.diffusion import text_ddpm
 from ec_dit.model import text_to_image
 from ec_dit.tasks.base import TEXT, Task, draw_latents
 
@@ -54,7 +55,7 @@ class TextToImageTask(Task):
 
   def loss(self, config, model, inputs, key):
     d = config.diffusion
-    if config.model.prediction == "epsilon":  # DDPM (PixArt-alpha): ec_dit.text_ddpm
+    if config.model.prediction == "epsilon":  # DDPM (PixArt-alpha): ec_dit.diffusion.text_ddpm
       return text_ddpm.loss(model, inputs["image"], inputs["text"], inputs["mask"], key, uncond_prob=d.uncond_prob)
     return diffusion.rectified_flow_loss(model, inputs["image"], inputs["text"], inputs["mask"], key,
                                          t_mean=d.t_mean, t_std=d.t_std, uncond_prob=d.uncond_prob,
@@ -67,7 +68,7 @@ class TextToImageTask(Task):
              guidance_parallel, sampler):
     """`conditioning` = (tokens or T5 features, mask, None or DDPM's (null features, null mask))."""
     tokens, mask, null = conditioning
-    if config.model.prediction == "epsilon":  # DDPM / DDIM (PixArt-alpha): ec_dit.text_ddpm
+    if config.model.prediction == "epsilon":  # DDPM / DDIM (PixArt-alpha): ec_dit.diffusion.text_ddpm
       return text_ddpm.sample(model, tokens, mask, keys, image_shape=image_shape, num_steps=num_steps,
                               guidance_scale=guidance_scale, sampler=sampler,
                               null_context=None if null is None else null[0],

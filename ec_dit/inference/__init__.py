@@ -1,5 +1,8 @@
 """Inference in the habit of diffusers pipelines: load a run, call it with prompts, get images.
 
+This module is the text front end; `inference.class_to_image` is the class-conditional one and
+`inference.pipeline` the core both share (sampling, batching, decoding, from the run's task).
+
     from ec_dit.inference import TextToImagePipeline
     pipe = TextToImagePipeline.from_run("runs/tiny")
     out = pipe("a photo of a red circle", num_inference_steps=32, guidance_scale=3.0, generator=0,
@@ -19,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ec_dit import (configs, diffusion, images as images_lib, sampling_pipeline, schema, tasks,
-                    tokenizer as tokenizer_lib)
+from ec_dit import configs, diffusion, images as images_lib, schema, tasks, tokenizer as tokenizer_lib
+from ec_dit.inference import pipeline as sampling_pipeline
 from ec_dit.encoders.frozen import FrozenEncoders
 
 
@@ -44,7 +47,7 @@ def sampler_settings(sample) -> dict:
 
 
 class TextToImagePipeline(sampling_pipeline.SamplingPipeline):
-  """Prompts in, images out: the text front end of `ec_dit.sampling_pipeline.SamplingPipeline`. Sampling is
+  """Prompts in, images out: the text front end of `ec_dit.inference.pipeline.SamplingPipeline`. Sampling is
   jitted once per batch size and deterministic per seed.
 
   A latent run (`config.text.encoder = "t5"`) encodes the prompts with T5 (loaded

@@ -1,5 +1,7 @@
 """What the router does: routing maps, the per-token compute spread, expert specialisation.
 
+The figures are here; `routing_maps.trace` records the router through the pipeline's own sampler.
+
     from ec_dit import routing_maps
     pipe = TextToImagePipeline.from_run("runs/tiny")
     trace = routing_maps.trace_routing(pipe, ["a photo of a red circle"])
@@ -10,7 +12,7 @@
     routing_maps.specialisation_figure(labels, counts)   # how often each expert is chosen per group
 
 Recording (`trace_routing`, `expert_specialisation`, ...) lives in
-`ec_dit.routing_trace`, the ShapesWorld prompt groups and object masks in
+`ec_dit.routing_maps.trace`, the ShapesWorld prompt groups and object masks in
 `ec_dit.data.shapes_world_analysis`; both are re-exported here. Figures are plain matplotlib
 `Figure`s drawn with the Agg canvas (no pyplot state, no display needed); in a
 notebook, `display(fig)` shows them inline.
@@ -28,7 +30,7 @@ from matplotlib.figure import Figure
 from ec_dit.images import prompt_stem, save_png, write_prompt_sidecar
 from ec_dit.inference import TextToImagePipeline, sampler_settings
 from ec_dit.data.shapes_world_analysis import foreground, object_tokens, shapes_world_groups  # noqa: F401
-from ec_dit.routing_trace import (REGIONS, RoutingTrace, expert_specialisation,  # noqa: F401
+from ec_dit.routing_maps.trace import (REGIONS, RoutingTrace, expert_specialisation,  # noqa: F401
                                   specialisation_counts, trace_routing)
 
 NUM_SHOWN_STEPS = 4  # denoising steps shown by default: evenly spaced from the first to the last

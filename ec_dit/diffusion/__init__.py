@@ -7,6 +7,10 @@ image, `config.model.prediction = "x0"`; the DiT converts that to the velocity,
 so the loss here is always velocity matching, as in JiT.) Training draws t from a logit-normal
 distribution (t = sigmoid(n), n ~ N(mean, std)), which puts more weight on the
 middle of the path where the velocity is hardest to predict.
+
+The package holds the other processes beside it: `ddpm` (DiT's Gaussian diffusion), `text_ddpm`
+(DDPM for epsilon-predicting text-to-image models, PixArt-alpha) and `class_labels` (the losses
+and samplers of class-conditional models, DiT-MoE).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Class-conditional sampling (DiT-MoE): load a run, give class labels, get latents or images.
 
-    from ec_dit.inference_class import ClassToImagePipeline
+    from ec_dit.inference.class_to_image import ClassToImagePipeline
     pipe = ClassToImagePipeline.from_run("runs/dit_moe_s_8E2A")       # e.g. from `python -m ec_dit.convert`
     latents = pipe.generate([207, 360, 387], seed=0)                  # [3, 32, 32, 4] float32
     vae = FrozenEncoders.from_config(config.encoders, context_len=1, need_t5=False)
@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec_dit import images as images_lib, sampling_pipeline, tasks
+from ec_dit import images as images_lib, tasks
+from ec_dit.inference import pipeline as sampling_pipeline
 from ec_dit.encoders.frozen import FrozenEncoders
 
 class ClassToImagePipeline(sampling_pipeline.SamplingPipeline):
   """Class labels in, latents (or decoded images) out: the class-label front end of
-  `ec_dit.sampling_pipeline.SamplingPipeline`; jitted once per batch size, deterministic per seed.
+  `ec_dit.inference.pipeline.SamplingPipeline`; jitted once per batch size, deterministic per seed.
 
   Args:
     config: the run's config (a class-conditional task: `config.model.arch == "dit_moe"`).

@@ -2,7 +2,7 @@
 
 Two objectives, as DiT-MoE's checkpoints were trained:
 
-* "ddpm" (its S and B models): DiT's Gaussian diffusion (`ec_dit.ddpm`): MSE on
+* "ddpm" (its S and B models): DiT's Gaussian diffusion (`ec_dit.diffusion.ddpm`): MSE on
   the noise plus the variational bound term for the learned variance; sampled
   ancestrally ("ddpm") or by DDIM ("ddim") over `num_sampling_steps` respaced steps.
 * "rectified_flow" (its XL and G models): DiT-MoE's `rectified_flow.py`:
@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ec_dit import ddpm
+from ec_dit.diffusion import ddpm
 
 
 def make_diffusion(config, *, sampling: bool = False) -> ddpm.Diffusion:

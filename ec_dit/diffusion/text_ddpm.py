@@ -1,7 +1,7 @@
 """DDPM training and DDPM/DDIM sampling of the text-to-image DiT with `model.prediction = "epsilon"` (PixArt-alpha).
 
 The process is PixArt-alpha's (and DiT's): linear betas 1e-4..0.02 over 1000
-steps (`ec_dit.ddpm`), an epsilon-predicting network, with `model.learn_sigma`
+steps (`ec_dit.diffusion.ddpm`), an epsilon-predicting network, with `model.learn_sigma`
 a learned-range variance trained by the variational bound (IDDPM). The network
 sees the original timestep 0..999 as diffusers passes it.
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ec_dit import ddpm, schema
+from ec_dit import schema
+from ec_dit.diffusion import ddpm
 from ec_dit.model import dit as dit_lib
 
 

@@ -1,7 +1,7 @@
 """The one sampling pipeline core: a run's weights, its task's sampler and decoder, in fixed-size jitted batches.
 
 `TextToImagePipeline` (`ec_dit.inference`: prompts) and `ClassToImagePipeline`
-(`ec_dit.inference_class`: class labels) are thin front ends of `SamplingPipeline`:
+(`ec_dit.inference.class_to_image`: class labels) are thin front ends of `SamplingPipeline`:
 each turns its inputs into the task's conditioning and per-image noise keys, and the
 core does the rest, the same way for every task (`ec_dit.tasks`):
 
