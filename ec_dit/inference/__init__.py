@@ -46,6 +46,15 @@ def sampler_settings(sample) -> dict:
   return {name: sample[name] for name in SAMPLER_SETTINGS}
 
 
+def resolve_sampler_settings(sample, num_steps=None, guidance_scale=None, guidance_parallel=None,
+                             sampler=None) -> tuple[int, float, float, str]:
+  """(num_steps, guidance_scale, guidance_parallel, sampler): the given values, each None from `config.sample`."""
+  return (int(num_steps or sample.num_steps),
+          float(sample.guidance_scale if guidance_scale is None else guidance_scale),
+          float(sample.guidance_parallel if guidance_parallel is None else guidance_parallel),
+          sampler or sample.sampler)
+
+
 class TextToImagePipeline(sampling_pipeline.SamplingPipeline):
   """Prompts in, images out: the text front end of `ec_dit.inference.pipeline.SamplingPipeline`. Sampling is
   jitted once per batch size and deterministic per seed.
@@ -105,11 +114,8 @@ class TextToImagePipeline(sampling_pipeline.SamplingPipeline):
     come from `config.sample` (see `diffusion.sample` for their meaning). `seed` may
     also be a JAX key (see `base_key`).
     """
-    s = self.config.sample
-    num_steps = int(num_steps or s.num_steps)
-    guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
-    guidance_parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
-    sampler = sampler or s.sampler
+    num_steps, guidance_scale, guidance_parallel, sampler = resolve_sampler_settings(
+        self.config.sample, num_steps, guidance_scale, guidance_parallel, sampler)
     allowed = schema.DDPM_SAMPLERS if self.config.model.prediction == "epsilon" else diffusion.SAMPLERS
     if sampler not in allowed:
       raise ValueError(f"sampler must be one of {allowed}, got {sampler!r}")

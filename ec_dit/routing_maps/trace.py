@@ -20,7 +20,7 @@ from flax import nnx
 
 from ec_dit import diffusion
 from ec_dit.data.shapes_world_analysis import object_tokens
-from ec_dit.inference import TextToImagePipeline, base_key
+from ec_dit.inference import TextToImagePipeline, base_key, resolve_sampler_settings
 
 
 @dataclasses.dataclass
@@ -82,11 +82,9 @@ def trace_routing(pipe: TextToImagePipeline, prompts: Sequence[str] | str, *, se
   `config.sample`.
   """
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-  s, f = pipe.config.sample, pipe.config.model.ffn
-  num_steps = int(num_steps or s.num_steps)
-  scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
-  parallel = float(s.guidance_parallel if guidance_parallel is None else guidance_parallel)
-  sampler = sampler or s.sampler
+  f = pipe.config.model.ffn
+  num_steps, scale, parallel, sampler = resolve_sampler_settings(pipe.config.sample, num_steps, guidance_scale,
+                                                                 guidance_parallel, sampler)
   tokens, mask = pipe.encode_prompts(list(prompts))
   root = base_key(seed)
   keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(root, i), 0) for i in range(len(prompts))])
