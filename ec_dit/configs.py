@@ -76,7 +76,7 @@ def load(spec: str, overrides: Iterable[str] | dict = (), *, validate: bool = Tr
   config = _load_module(path).get_config(variant or None)
   apply_overrides(config, overrides)
   if validate:
-    schema.validate(config)
+    tasks.validate(config)
   return config
 
 

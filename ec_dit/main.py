@@ -125,7 +125,7 @@ def run(argv):
   if config is None:
     raise errors.UsageError(f"--config is required for --mode={FLAGS.mode} (e.g. --config=configs/ec_dit_tiny.py)"
                             + (" or --workdir of a finished run" if FLAGS.mode in RUN_MODES else ""))
-  schema.validate(config)
+  tasks.validate(config)
   if FLAGS.mode in ("train", "train_and_evaluate"):  # before anything is written or compiled
     try:
       schema.check_paths(config, FLAGS.mode)

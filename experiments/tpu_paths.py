@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ec_dit import schema, sharding
+from ec_dit import schema, sharding, tasks
 from ec_dit.tools import compile_report, tpu_report, tpu_topology
 
 TOPOLOGY = "v5p:2x2x1"
@@ -44,7 +44,7 @@ def path_config(ffn: dict, expert: int):
     config.model.ffn[k] = v
   config.batch_size = 32
   config.mesh.data, config.mesh.expert = (-1, 1) if expert == 1 else (1, expert)
-  schema.validate(config)
+  tasks.validate(config)
   return config
 
 

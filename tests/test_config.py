@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ec_dit import configs, data, inference, schema, tokenizer as tokenizer_lib
+from ec_dit import configs, data, inference, schema, tasks, tokenizer as tokenizer_lib
 from ec_dit.geneval import prompts
 from ec_dit.tools import model_summary
 from helpers import REPO, load_config, base_test_config
@@ -17,7 +17,7 @@ from helpers import REPO, load_config, base_test_config
     ("ec_dit_3xl", 2304, 42, 36, 32), ("ec_dit_m", 3072, 38, 48, 64)])
 def test_paper_configs(name, d, depth, heads, experts):
   config = load_config(name)
-  schema.validate(config)
+  tasks.validate(config)
   m = config.model
   assert (m.hidden_size, m.depth, m.num_heads, m.ffn.num_experts) == (d, depth, heads, experts)
   assert (m.input_size, m.in_channels, m.patch_size) == (32, 4, 2)
@@ -28,7 +28,7 @@ def test_paper_configs(name, d, depth, heads, experts):
                                           ("dit_moe", "token_choice")])
 def test_tiny_variants_validate(variant, kind):
   config = load_config("ec_dit_tiny", variant)
-  schema.validate(config)
+  tasks.validate(config)
   assert config.model.ffn.kind == kind
 
 
@@ -83,7 +83,7 @@ def test_bad_configs_name_the_field(field, value, message):
   config = base_test_config()
   _set(config, field, value)
   with pytest.raises(ValueError, match=message):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_cli_rejects_bad_sampler_before_training(tmp_path):
@@ -100,7 +100,7 @@ def test_top_k_larger_than_experts():
   config = base_test_config("tc")
   config.model.ffn.top_k = 9
   with pytest.raises(ValueError, match=r"config\.model\.ffn\.top_k: must be in \[1, num_experts=8\], got 9"):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_unknown_keys_are_rejected():
@@ -108,12 +108,12 @@ def test_unknown_keys_are_rejected():
   with config.model.ffn.unlocked():
     config.model.ffn.capacity = 3
   with pytest.raises(ValueError, match=r"config\.model\.ffn\.capacity: unknown key"):
-    schema.validate(config)
+    tasks.validate(config)
   config = base_test_config()
   with config.unlocked():
     config.trainer = {}
   with pytest.raises(ValueError, match=r"config\.trainer: unknown key"):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_summary_of_xl_from_shapes_only():
@@ -169,7 +169,7 @@ def test_run_config_from_an_older_version_gets_new_keys_as_defaults(tmp_path):
   config = inference.load_run_config(str(tmp_path))
   assert config.model.prediction == schema.base_config().model.prediction
   assert list(config.sample.prompts) == ["a photo of a red circle"]  # saved values win
-  schema.validate(config)
+  tasks.validate(config)
 
 
 def test_tiny_text_context_truncates_none_of_its_prompts():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.convert import __main__ as convert_cli, dit_moe as convert
 from ec_dit.inference.class_to_image import ClassToImagePipeline
 from ec_dit.model import dit_moe
@@ -54,7 +54,7 @@ def count_from_shapes(config) -> int:
 @pytest.mark.parametrize("variant", sorted(REFERENCE_PARAMS))
 def test_parameter_counts_equal_the_reference(variant):
   config = load_config("dit_moe", variant)
-  schema.validate(config)
+  tasks.validate(config)
   total, d = REFERENCE_PARAMS[variant]
   assert count_from_shapes(config) == total - 256 * d
 
@@ -214,15 +214,15 @@ def test_config_errors_name_the_field(field, value, match):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_released_configs_validate_and_unknown_variants_are_refused():
   for variant in list(REFERENCE_PARAMS) + ["XL-8E2A-ec"]:
-    schema.validate(load_config("dit_moe", variant))
+    tasks.validate(load_config("dit_moe", variant))
   assert load_config("dit_moe", "XL-8E2A").model.class_cond.qk_norm
   assert load_config("dit_moe", "G-16E2A").class_diffusion.sampler == "euler"
   with pytest.raises(ValueError, match="variant must be one of"):
     load_config("dit_moe", "L-8E2A")
-  schema.validate(schema.base_config())  # the text-to-image default is untouched
+  tasks.validate(schema.base_config())  # the text-to-image default is untouched
   assert schema.base_config().model.arch == "ec_dit"

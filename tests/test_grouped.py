@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.moe import grouped, layers
 
 D, H, E = 8, 16, 4
@@ -167,7 +167,7 @@ def test_auto_is_ragged_dot_on_tpu_only_and_bad_names_are_refused():
   config.model.ffn.dropless_impl = "megablocks"
   with pytest.raises(ValueError, match=r"config\.model\.ffn\.dropless_impl: must be one of \('auto', 'ragged_dot', "
                                        r"'tiles'\), got 'megablocks'"):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_tile_sizes_follow_rows_per_expert():

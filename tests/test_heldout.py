@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ec_dit import checkpoint, schema, sharding, tokenizer as tokenizer_lib
+from ec_dit import checkpoint, schema, sharding, tasks, tokenizer as tokenizer_lib
 from ec_dit.data import pipeline, sources
 from ec_dit.training import heldout, loop, optimizers, state as state_lib
 from helpers import train_config
@@ -112,7 +112,7 @@ def test_config_errors_name_the_field():
     config = train_config()
     config.heldout[field] = value
     with pytest.raises(ValueError, match=rf"config\.heldout\.{field}"):
-      schema.validate(config)
+      tasks.validate(config)
   assert schema.is_safe_field("heldout.every_steps") and schema.is_state_field("heldout.num_examples")
 
 

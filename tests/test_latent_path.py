@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.data import latents, sources
 from ec_dit.prepare import dataset, writer
 from ec_dit.training import loop
@@ -97,7 +97,7 @@ def test_prepare_killed_and_resumed_gives_identical_bytes(prepared, assets, tmp_
 def test_train_from_latents_resumes_bitwise_then_samples(prepared, assets, tmp_path):
   config = latent_config(input__source=f"latents:{prepared}", encoders__t5_path=str(assets["t5"]),
                          encoders__vae_path=str(assets["vae"]))
-  schema.validate(config)
+  tasks.validate(config)
   run = tmp_path / "run"
   assert_resumes_bitwise(loop.train, config, run)
   out = subprocess.run([sys.executable, "-m", "ec_dit.main", f"--config={CONFIG}", f"--workdir={run}",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.diffusion import text_ddpm
 from ec_dit.convert import mapping, pixart
 from ec_dit.encoders import hf_checkpoint
@@ -121,7 +121,7 @@ def test_refuses_an_architecture_it_does_not_implement(tmp_path):
 @pytest.mark.parametrize("resolution", [256, 1024])
 def test_param_count_equals_pixart_alpha_xl2(resolution):
   config = load_config("pixart_alpha", str(resolution))
-  schema.validate(config)
+  tasks.validate(config)
   shapes = text_to_image.abstract_params(config)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == PUBLISHED_PARAMS[resolution]
 
@@ -130,16 +130,16 @@ def test_pixart_options_are_validated():
   config = load_config("pixart_alpha", "256")
   config.model.prediction = "velocity"
   with pytest.raises(ValueError, match="model.learn_sigma"):
-    schema.validate(config)
+    tasks.validate(config)
   config = load_config("pixart_alpha", "512")
   config.model.conditioning = "adaln_zero"
   config.model.micro_conditions = True
   with pytest.raises(ValueError, match="model.micro_conditions"):
-    schema.validate(config)
+    tasks.validate(config)
   config = load_config("pixart_alpha", "256")
   config.sample.sampler = "euler"
   with pytest.raises(ValueError, match="sample.sampler"):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 @pytest.mark.parametrize("sample_size,resolution", [(32, 256), (64, 512), (128, 1024)])

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ec_dit import diffusion, schema, sharding, tasks
+from ec_dit import diffusion, sharding, tasks
 from ec_dit.tools import compile_report as aot
 from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from helpers import train_config
@@ -70,7 +70,7 @@ def test_mesh_config_is_validated(field, value, match):
   config = _config()
   config.mesh[field] = value
   with pytest.raises(ValueError, match=match):
-    schema.validate(config)
+    tasks.validate(config)
 
 
 def test_mesh_shape_resolves_the_rest_and_checks_the_device_count():

@@ -4,24 +4,38 @@ state once per run (the loop, the step, checkpoints and held-out loss receive it
 import pytest
 
 from ec_dit import schema, tasks
-from ec_dit.schema import class_cond as schema_families
 from ec_dit.tasks import class_conditional, text_to_image
 from ec_dit.training import loop, state as state_lib
-from helpers import train_config
+from helpers import load_config, train_config
 
 
-def test_the_registry_and_the_schema_name_the_same_families():
-  assert tuple(tasks.TASKS) == schema.ARCHS
+def test_the_registry_maps_each_arch_to_its_task():
   for arch, task in tasks.TASKS.items():
-    assert task.arch == arch
-    assert schema_families.FAMILIES[arch]["reads_text"] == task.needs_text_encoder == (task.conditioning == tasks.TEXT)
+    assert task.arch == arch and task.needs_text_encoder == (task.conditioning == tasks.TEXT)
   config = schema.base_config()
   assert isinstance(tasks.task_for(config), text_to_image.TextToImageTask)
   config.model.arch = "dit_moe"
   assert isinstance(tasks.task_for(config), class_conditional.ClassConditionalTask)
   config.model.arch = "unet"
-  with pytest.raises(ValueError, match=r"config.model.arch: must be one of \('ec_dit', 'dit_moe'\), got 'unet'"):
-    tasks.task_for(config)
+  schema.validate(config)  # the schema does not read the family: the registry does
+  for check in (tasks.task_for, tasks.validate):
+    with pytest.raises(ValueError, match=r"config.model.arch: must be one of \('ec_dit', 'dit_moe'\), got 'unet'"):
+      check(config)
+
+
+def test_family_rules_are_the_tasks():
+  """`tasks.validate` = the schema's field checks, then the task's rules across sections."""
+  config = load_config("dit_moe", "S-8E2A")
+  config.model.ffn.activation = "gelu"  # a valid activation, but DiT-MoE's experts are SwiGLU
+  schema.validate(config)
+  with pytest.raises(ValueError, match="config.model.ffn.activation: must be 'swiglu' with model.arch='dit_moe'"):
+    tasks.validate(config)
+  config = train_config(input__source="latents:/nonexistent", text__encoder="trainable")
+  with pytest.raises(ValueError, match="config.text.encoder: must be 't5' for a 'latents:DIR' source"):
+    tasks.validate(config)
+  config = load_config("dit_moe", "S-8E2A")  # class-conditional: its latents carry labels, no text
+  config.input.source, config.text.encoder = "latents:/nonexistent", "trainable"
+  tasks.validate(config)
 
 
 def test_a_run_builds_its_abstract_state_and_model_once(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-from ec_dit import errors, schema, tasks, upcycle
+from ec_dit import errors, tasks, upcycle
 from ec_dit.convert import dit, dit_moe, pixart
 from ec_dit.upcycle import run as upcycle_run
 
@@ -73,7 +73,7 @@ def _dit_moe(parser, args):
   if args.upcycle_experts:
     parser.error("--upcycle_experts: DiT-MoE checkpoints are MoEs already")
   config = load_config_file(args.config)
-  schema.validate(config)
+  tasks.validate(config)
   task = tasks.task_for(config)
   if task.conditioning != tasks.CLASS_LABEL:
     parser.error(f"--config: config.model.arch must be 'dit_moe' to import a DiT-MoE checkpoint, got {task.arch!r}")

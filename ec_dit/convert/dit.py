@@ -27,7 +27,7 @@ import os
 import ml_collections
 import numpy as np
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.convert import dit_moe as dit_moe_convert, mapping, pixart
 from ec_dit.encoders import hf_checkpoint
 from ec_dit.model import dit_moe
@@ -161,7 +161,7 @@ def convert(path: str, *, num_heads: int | None = None,
     sd = {k: np.asarray(v, np.float32) for k, v in dit_moe_convert.load_state_dict(path, weights).items()}
     config = _facebook_config(sd, num_heads)
     params = _map_facebook(sd, config, path)
-  schema.validate(config)
+  tasks.validate(config)
   return params, config
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from ec_dit import schema
+from ec_dit import schema, tasks
 from ec_dit.convert import mapping
 from ec_dit.encoders import hf_checkpoint
 from ec_dit.model import text_to_image
@@ -113,7 +113,7 @@ def convert(path: str) -> tuple[dict, ml_collections.ConfigDict]:
   cfg, tensors = read_folder(path)
   config = config_from_diffusers(cfg)
   params = map_tensors(tensors, config, path)
-  schema.validate(config)
+  tasks.validate(config)
   return params, config
 
 

@@ -14,8 +14,8 @@ from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, CONDITIONINGS, D
                                     TEXT_ENCODERS, TOKENIZERS, VARIANTS, apply_variant, base_config,
                                     input_defaults, mesh_defaults, model_defaults, paper_config, paper_model)
 from ec_dit.schema.pixart import PIXART_RESOLUTIONS, pixart_alpha_config
-from ec_dit.schema.class_cond import (ARCHS, CLASS_OBJECTIVES, CLASS_SAMPLERS, class_cond_model_defaults,
-                                     class_diffusion_defaults, validate_class_cond)
+from ec_dit.schema.class_cond import (CLASS_OBJECTIVES, CLASS_SAMPLERS, class_cond_model_defaults,
+                                     class_diffusion_defaults, validate_class_cond, validate_dit_moe_network)
 from ec_dit.schema.heldout import heldout_defaults, validate_heldout
 from ec_dit.schema.resume import (RESUME_SAFE_FIELDS, RESUME_STATE_FIELDS, config_differences, flatten,
                                   is_safe_field, is_state_field, split_differences)

@@ -2,10 +2,10 @@
 
 Two pieces of the config belong to class-conditional models:
 
-* `config.model.arch` picks the network: "ec_dit" (the text-to-image EC-DiT,
-  `ec_dit.model.dit`) or "dit_moe" (DiT-MoE's class-conditional DiT,
-  `ec_dit.model.dit_moe`), and `config.model.class_cond` holds the fields only
-  the class-conditional network reads.
+* `config.model.class_cond` holds the fields only the class-conditional network
+  (DiT-MoE's, `ec_dit.model.dit_moe`) reads. Which network a config trains,
+  `config.model.arch`, is the task registry's to read (`ec_dit.tasks`): checks
+  that depend on it are the task's (`Task.validate`), not the schema's.
 * `config.class_diffusion` holds its diffusion process and sampler
   (`ec_dit.diffusion.ddpm`, `ec_dit.diffusion.class_labels`).
 
@@ -58,12 +58,8 @@ def class_diffusion_defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def _no_family_rules(config) -> None:
-  del config
-
-
-def _dit_moe_rules(config) -> None:
-  """The DiT-MoE network has an MoE FFN of SwiGLU experts in every block (or DiT's GELU MLP), so its
+def validate_dit_moe_network(config) -> None:
+  """Called by the class-conditional task (`ec_dit.tasks`), not by `validate`: the DiT-MoE network has an MoE FFN of SwiGLU experts in every block (or DiT's GELU MLP), so its
   `model.ffn` must say so."""
   m, c, f = config.model, config.model.class_cond, config.model.ffn
   dit = c.ffn_style == "dit"
@@ -89,32 +85,12 @@ def _dit_moe_rules(config) -> None:
           m.prediction)
 
 
-# The one table of the schema keyed by the arch name: per family, whether its examples carry captions
-# (text) and its checks across sections. The schema sits below `ec_dit.tasks` (it imports nothing from
-# ec_dit) and validates before anything is built, so it cannot ask the task; tests/test_tasks.py checks
-# that these names and facts agree with the task registry's.
-FAMILIES = {
-    "ec_dit": dict(reads_text=True, rules=_no_family_rules),
-    "dit_moe": dict(reads_text=False, rules=_dit_moe_rules),
-}
-ARCHS = tuple(FAMILIES)  # `ec_dit.tasks.TASKS` maps each of these names to its task
-
-
-def family(config) -> dict:
-  """The `FAMILIES` entry of the config's arch (ValueError naming `config.model.arch` for an unknown one)."""
-  arch = config.model.get("arch", "ec_dit")
-  if arch not in FAMILIES:
-    fail("model.arch", f"one of {ARCHS}", arch)
-  return FAMILIES[arch]
-
-
 def validate_class_cond(config) -> None:
-  """Checks `config.model.arch` (with its family's rules), `config.model.class_cond` and `config.class_diffusion`.
+  """Checks `config.model.class_cond` and `config.class_diffusion` (every config has both sections).
 
   Raises ValueError naming the first bad field.
   """
   m, c, d = config.model, config.model.class_cond, config.class_diffusion
-  rules = family(config)["rules"]
   if not is_int(c.num_classes) or c.num_classes < 1:
     fail("model.class_cond.num_classes", "a positive integer", c.num_classes)
   if not is_number(c.class_dropout) or not 0.0 <= c.class_dropout < 1.0:
@@ -128,7 +104,6 @@ def validate_class_cond(config) -> None:
     fail("model.class_cond.timestep_shift", "0 or 1", c.timestep_shift)
   if not is_number(c.mlp_norm_eps) or not 0 < c.mlp_norm_eps < 1:
     fail("model.class_cond.mlp_norm_eps", "a number in (0, 1)", c.mlp_norm_eps)
-  rules(config)
   if d.objective not in CLASS_OBJECTIVES:
     fail("class_diffusion.objective", f"one of {CLASS_OBJECTIVES}", d.objective)
   if not is_int(d.num_timesteps) or d.num_timesteps < 2:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from ec_dit.schema.checks import fail, is_int, is_number
-from ec_dit.schema.class_cond import family, validate_class_cond
+from ec_dit.schema.class_cond import validate_class_cond
 from ec_dit.schema.defaults import (ACTIVATIONS, CAPTION_TASKS, DISPATCHES, DROPLESS_IMPLS, DTYPES, FFN_KINDS,
                                     GENEVAL_DOMAINS, MESH_AXES, MIN_IMAGE_SIZE, OPTIMIZERS, PREDICTIONS, PREPARE_README,
                                     REMAT_POLICIES, SAMPLERS, SOURCE_FORMS, TEXT_ENCODERS, TOKENIZERS, base_config, input_defaults)
@@ -99,7 +99,11 @@ def validate_model(m, prefix: str = "model") -> None:
 
 
 def validate(config) -> None:
-  """Validates a whole config against the schema; raises ValueError naming the field."""
+  """Validates a whole config against the schema; raises ValueError naming the field.
+
+  The checks that depend on the model family (`config.model.arch`) are the task's:
+  `ec_dit.tasks.validate(config)` runs this, then them.
+  """
   _check_keys(config, base_config())
   validate_model(config.model)
   validate_class_cond(config)
@@ -153,10 +157,6 @@ def validate_training(config) -> None:
   if config.text.encoder == "t5" and parse_source(config.input.source)[0] != "latents":
     fail("input.source", "'latents:DIR' with text.encoder='t5' (the model reads prepared T5 features; "
          "see the " + PREPARE_README + ")", config.input.source)
-  if (config.text.encoder == "trainable" and parse_source(config.input.source)[0] == "latents"
-      and family(config)["reads_text"]):  # the class-conditional DiT-MoE reads latents and labels, no text
-    fail("text.encoder", "'t5' for a 'latents:DIR' source (its examples hold T5 features, not captions)",
-         config.text.encoder)
   e = config.encoders
   for name in ("t5_path", "vae_path"):
     if not isinstance(e[name], str):

@@ -9,13 +9,14 @@ testing the arch name. A new family is one `Task` subclass and one entry in `TAS
 
 from __future__ import annotations
 
+from ec_dit import schema
 from ec_dit.tasks.base import CLASS_LABEL, TEXT, Task, draw_latents
 from ec_dit.tasks.class_conditional import ClassConditionalTask
 from ec_dit.tasks.text_to_image import TextToImageTask
 
-__all__ = ["CLASS_LABEL", "TASKS", "TEXT", "Task", "task_for", "draw_latents"]
+__all__ = ["CLASS_LABEL", "TASKS", "TEXT", "Task", "task_for", "draw_latents", "validate"]
 
-# Keyed by `config.model.arch`; `schema.ARCHS` lists the same names (the schema imports nothing above it).
+# Keyed by `config.model.arch`.
 TASKS: dict[str, Task] = {t.arch: t for t in (TextToImageTask(), ClassConditionalTask())}
 
 
@@ -25,3 +26,11 @@ def task_for(config) -> Task:
   if arch not in TASKS:
     raise ValueError(f"config.model.arch: must be one of {tuple(TASKS)}, got {arch!r}")
   return TASKS[arch]
+
+
+def validate(config) -> None:
+  """The whole check of a config: the schema's (`ec_dit.schema.validate`: every field against its type and
+  range), then its task's (`Task.validate`: the rules of its model family). ValueError naming the first bad
+  field, `config.model.arch` for an unknown family."""
+  schema.validate(config)
+  task_for(config).validate(config)

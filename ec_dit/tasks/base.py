@@ -62,6 +62,11 @@ class Task(abc.ABC):
   metric_keys: ClassVar[tuple[str, ...]] = ("mse", "aux_loss")
   ffn_blocks: ClassVar[tuple[tuple[str, ...], str]]
 
+  # -- Config -----------------------------------------------------------------
+  def validate(self, config) -> None:
+    """The family's checks across config sections, after `schema.validate` (`ec_dit.tasks.validate` runs
+    both); raises ValueError naming the first bad field."""
+
   # -- Model ------------------------------------------------------------------
   @abc.abstractmethod
   def build_model(self, config, *, seed: int | None = None) -> nnx.Module:

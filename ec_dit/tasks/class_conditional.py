@@ -30,6 +30,9 @@ class ClassConditionalTask(Task):
   model_sections = ("class_cond",)
   metric_keys = ("mse", "vb", "aux_loss")
 
+  def validate(self, config):
+    schema.validate_dit_moe_network(config)
+
   def build_model(self, config, *, seed=None):
     return dit_moe.build(config, seed=seed)
 

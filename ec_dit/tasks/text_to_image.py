@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ec_dit import diffusion
+from ec_dit import diffusion, schema
 from ec_dit.diffusion import text_ddpm
 from ec_dit.model import text_to_image
 from ec_dit.tasks.base import TEXT, Task, draw_latents
@@ -26,6 +26,11 @@ class TextToImageTask(Task):
   conditioning = TEXT
   ffn_blocks = (("dit", "blocks"), "ffn")
   needs_text_encoder = True
+
+  def validate(self, config):
+    if config.text.encoder == "trainable" and schema.parse_source(config.input.source)[0] == "latents":
+      schema.fail("text.encoder", "'t5' for a 'latents:DIR' source (its examples hold T5 features, not captions)",
+                  config.text.encoder)
 
   def build_model(self, config, *, seed=None):
     return text_to_image.TextToImage(config, rngs=nnx.Rngs(config.seed if seed is None else seed))

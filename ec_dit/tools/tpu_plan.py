@@ -24,7 +24,7 @@ import json
 
 from tqdm import tqdm
 
-from ec_dit import schema, sharding
+from ec_dit import sharding, tasks
 from ec_dit.tools import compile_report, model_summary, roofline, tpu_chips, tpu_report, tpu_topology
 
 DEPTHS = (2, 4)
@@ -93,7 +93,7 @@ def _variant(config, layout: Layout, num_devices: int, depth: int | None = None)
   c.batch_size = layout.batch_per_chip * num_devices
   if depth is not None:
     c.model.depth = depth
-  schema.validate(c)
+  tasks.validate(c)
   return c
 
 

@@ -112,7 +112,7 @@ def train(config, workdir: str, *, list_outputs: bool = True, jobs: Sequence[Per
   block (`report.wrote_block`) to stderr. `jobs` run at every eval step and the
   last (`PeriodicJob`; `ec_dit.evaluators.train` passes the sample grids and routing maps).
   """
-  schema.validate(config)
+  tasks.validate(config)
   sources.check_source(config.input)
   is_main = jax.process_index() == 0
   report = _reporter(is_main)

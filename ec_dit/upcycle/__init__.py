@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ec_dit import schema, tasks
+from ec_dit import tasks
 
 ROUTINGS = {"ec": "expert_choice", "tc": "token_choice"}
 ROUTER_INITS = ("normal", "zeros")
@@ -80,7 +80,7 @@ def upcycled_config(config, *, num_experts: int, routing: str, moe_every: int = 
   u = new.upcycled
   u.source, u.source_step, u.num_experts, u.routing = source, int(source_step), num_experts, routing
   u.router_init, u.optimizer_state = router_init, optimizer_state
-  schema.validate(new)
+  tasks.validate(new)
   for i in range(m.depth):
     if _is_moe_layer(i, f) and _is_moe_layer(i, old) and old.dense_mlp_ratio != m.mlp_ratio:
       raise ValueError(f"layer {i}'s dense FFN has width {old.dense_mlp_ratio} x d but experts have mlp_ratio="
