@@ -38,7 +38,7 @@ def _python(code: str, timeout=120):
     "t._rebuild_tensor_v2(np.arange(16, dtype=np.float32), 13, (2, 2), (2, 1))",
 ])
 def test_the_issues_reproductions_raise_the_checkpoint_error_without_a_crash(call):
-  out = _python("from ec_dit import torch_pickle as t, errors; import numpy as np\n"
+  out = _python("from ec_dit import errors; from ec_dit.convert import torch_pickle as t; import numpy as np\n"
                 f"try:\n  {call}\nexcept errors.CheckpointError as e:\n  print('refused:', e)")
   assert out.returncode == 0 and out.stdout.startswith("refused:"), (out.returncode, out.stdout, out.stderr[-500:])
 

@@ -134,7 +134,7 @@ def _bin_reader(files: list[str]) -> Reader:
     raise CheckpointError(
         f"{names}: PyTorch .bin weights need torch, which is not installed. Convert them to safetensors once, "
         f"without torch and without running code from the file (ec_dit.convert.torch_pickle's restricted unpickler): "
-        f"python -c \"from ec_dit import torch_pickle; from safetensors.numpy import save_file; "
+        f"python -c \"from ec_dit.convert import torch_pickle; from safetensors.numpy import save_file; "
         f"save_file(dict(torch_pickle.load('pytorch_model.bin')), 'model.safetensors')\" "
         f"(per shard for sharded .bin files, then drop the .bin index), or use a repository with .safetensors files"
     ) from None
