@@ -242,11 +242,14 @@ def parse_args(argv=None):
   parser.add_argument("--timing_rounds", type=int, default=5, help="interleaved rounds timing the train steps")
   parser.add_argument("--timing_steps", type=int, default=20, help="train steps per variant per timing round")
   parser.add_argument("--max_cells", type=int, default=0, help="only the first N cells of the order (0 = all)")
+  parser.add_argument("--only", default="", help="comma-separated cell names (e.g. ec_batch_s0,tc_cap2_s0) to run "
+                      "only those, e.g. in a second process beside the first; '' = all")
   parser.add_argument("--report_only", action="store_true", help="only rewrite the report from finished cells")
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(",") if s]
   args.variants = [v for v in args.variants.split(",") if v] + (["dit_moe"] if args.with_dit_moe else [])
   args.capacity = [v for v in args.capacity.split(",") if v]
+  args.only = [c for c in args.only.split(",") if c]
   unknown = (set(args.variants) - set(ROUTER_VARIANTS)) | (set(args.capacity) - set(CAPACITY_VARIANTS))
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {ROUTER_VARIANTS} and {tuple(CAPACITY_VARIANTS)}")
@@ -260,9 +263,15 @@ def main(argv=None):
     times = measure_step_times(args, args.variants, "step_times")
     if args.capacity:
       times.update(measure_step_times(args, args.capacity, "step_times_capacity"))
-    for k, cell in enumerate(cells(args)):
+    selected = cells(args)
+    unknown = set(args.only) - {c["name"] for c in selected}
+    if unknown:
+      raise SystemExit(f"--only: no cells {sorted(unknown)} in this study; its cells: {[c['name'] for c in selected]}")
+    for k, cell in enumerate(selected):
       if args.max_cells and k >= args.max_cells:
         break
+      if args.only and cell["name"] not in args.only:
+        continue
       start = time.time()
       run_cell(cell, args, times)
       report.write(args.out, args.docs)

@@ -139,7 +139,8 @@ def held_out_examples(input_config, num_examples: int, *, tokenize: Tokenize | N
                       context_len: int | None = None) -> dict[str, np.ndarray]:
   """The held-out examples (``sources.held_out_source``), decoded as training decodes them, stacked:
   ``{"image", "tokens", "mask"}`` (pixels) or ``{"latent_mean", "latent_std", "features", "mask", "label"}``
-  (prepared latents), each [n, ...] in source order. The same config always gives the same arrays."""
+  (prepared latents), each [n, ...] in source order, or ``{}`` when the source is too small to hold any
+  record out (at most a tenth is held out). The same config always gives the same arrays."""
   c = schema.with_input_defaults(input_config)
   source, indices = sources.held_out_source(c, num_examples)
   kind, folder = schema.parse_source(c.source)
@@ -150,10 +151,7 @@ def held_out_examples(input_config, num_examples: int, *, tokenize: Tokenize | N
   else:
     decode = preprocess.Preprocess(c.image_size, tokenize, c.image_key, c.caption_key)
   rows = [decode.map(source[i]) for i in indices]
-  if not rows:
-    raise ValueError(f"config.input.source: {c.source!r} has too few records to hold any out "
-                     f"(config.heldout.num_examples={num_examples}; at most a tenth of a source is held out)")
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from ec_dit import sharding, tasks
-from ec_dit.data import pipeline as data_pipeline, sources
+from ec_dit.data import pipeline as data_pipeline
 
 NOISE_KEY, LATENT_KEY = 0, 1  # folded into the held-out seed's key
 
@@ -45,23 +45,34 @@ def held_out_or_none(config, graphdef, mesh, tokenize, report=print) -> "HeldOut
   any record out (fewer than 10 records: a tenth at most is held out); `report` says so in one line."""
   if not config.heldout.every_steps:
     return None
-  _, indices = sources.held_out_source(config.input, config.heldout.num_examples)
-  if not len(indices):
+  examples = _examples(config, tokenize)
+  if not examples:
     report(f"held-out loss off: {config.input.source} is too small to hold records out of training "
            f"(at most a tenth is held out)")
     return None
-  return HeldOut(config, graphdef, mesh, tokenize)
+  return HeldOut(config, graphdef, mesh, tokenize, examples=examples)
+
+
+def _examples(config, tokenize) -> dict:
+  return data_pipeline.held_out_examples(config.input, config.heldout.num_examples, tokenize=tokenize,
+                                         context_len=config.model.context_len)
 
 
 class HeldOut:
-  """The fixed held-out set of a run and its jitted loss (see the module docstring)."""
+  """The fixed held-out set of a run and its jitted loss (see the module docstring).
 
-  def __init__(self, config, graphdef, mesh, tokenize):
+  `examples`: the held-out examples when the caller already decoded them
+  (`data.pipeline.held_out_examples`); None decodes them here.
+  """
+
+  def __init__(self, config, graphdef, mesh, tokenize, examples: dict | None = None):
     h = config.heldout
     self.config, self.every_steps = config, int(h.every_steps)
     self.t_values = tuple(float(t) for t in h.t_values)
-    examples = data_pipeline.held_out_examples(config.input, h.num_examples, tokenize=tokenize,
-                                               context_len=config.model.context_len)
+    examples = dict(_examples(config, tokenize) if examples is None else examples)
+    if not examples:
+      raise ValueError(f"config.input.source: {config.input.source!r} has too few records to hold any out "
+                       f"(config.heldout.num_examples={h.num_examples}; at most a tenth of a source is held out)")
     n = len(next(iter(examples.values())))
     self.batch_size = min(int(h.batch_size or config.batch_size), n)
     key = jax.random.key(h.seed)
