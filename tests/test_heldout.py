@@ -107,6 +107,22 @@ def test_folder_source_holds_out_its_last_records(tmp_path):
   assert len(seen) == 36 and not seen & held
 
 
+
+def test_a_source_too_small_to_hold_out_turns_the_loss_off_in_one_line(tmp_path):
+  for i in range(9):  # fewer than 10 records: none held out
+    Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / f"{i}.txt").write_text(f"image {i}")
+  config = train_config(input__source=f"folder:{tmp_path}")
+  tokenize = tokenizer_lib.tokenizer_from_config(config).encode
+  assert pipeline.held_out_examples(config.input, 256, tokenize=tokenize) == {}
+  said = []
+  graphdef, _ = state_lib.init_model(config)
+  mesh = sharding.make_mesh(config.mesh)
+  assert heldout.held_out_or_none(config, graphdef, mesh, tokenize, report=said.append) is None
+  assert len(said) == 1 and "too small to hold records out" in said[0]
+  with pytest.raises(ValueError, match=r"config\.input\.source: .* too few records"):
+    heldout.HeldOut(config, graphdef, mesh, tokenize)
+
 def test_config_errors_name_the_field():
   for field, value in (("every_steps", -1), ("num_examples", 0), ("t_values", ()), ("t_values", (0.0, 0.5))):
     config = train_config()
