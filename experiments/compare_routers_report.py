@@ -212,7 +212,7 @@ def figure(cells: list[dict], path: str) -> None:
   axes[1].set_xlabel("wall clock (s): steps x interleaved step time; dotted: W")
   axes[2].set_xlabel("training step (capacity factor, half budget)")
   fig.suptitle("Router comparison, tiny ShapesWorld: held-out loss (mean over seeds, band = min..max)", fontsize=10)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, format="png")
 
 
 def write(out: str, docs: str | None) -> list[dict]:
@@ -223,11 +223,13 @@ def write(out: str, docs: str | None) -> list[dict]:
   for folder in dict.fromkeys(f for f in (out, docs) if f):
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, STEM)
-    with open(stem + ".jsonl.tmp", "w") as f:
+    tmp = f".{os.getpid()}.tmp"  # two study processes may rewrite OUT's report at once
+    with open(stem + ".jsonl" + tmp, "w") as f:
       f.writelines(json.dumps(line) + "\n" for line in json_lines(cells))
-    os.replace(stem + ".jsonl.tmp", stem + ".jsonl")
-    with open(stem + ".md.tmp", "w") as f:
+    os.replace(stem + ".jsonl" + tmp, stem + ".jsonl")
+    with open(stem + ".md" + tmp, "w") as f:
       f.write(markdown(cells))
-    os.replace(stem + ".md.tmp", stem + ".md")
-    figure(cells, stem + ".png")
+    os.replace(stem + ".md" + tmp, stem + ".md")
+    figure(cells, stem + ".png" + tmp)
+    os.replace(stem + ".png" + tmp, stem + ".png")
   return cells
