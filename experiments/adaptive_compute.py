@@ -46,11 +46,13 @@ T_VALUES = (0.1, 0.3, 0.5, 0.7, 0.9)
 START, END = "<!-- adaptive_compute:start -->", "<!-- adaptive_compute:end -->"
 
 
-def load(workdir: str):
-  """(config, jitted forward(x_t, t, tokens, mask) -> (v, {layer: experts_per_token [B, S]})) with EMA weights."""
+def load(workdir: str, initial: bool = False):
+  """(config, jitted forward(x_t, t, tokens, mask) -> (v, {layer: experts_per_token [B, S]})) with the run's EMA
+  weights, or with `initial` its initial weights (the control: what routing does before any training)."""
   config = load_run_config(workdir)
-  params = jax.tree.map(jnp.asarray, checkpoint.restore_ema(workdir, tasks.task_for(config).abstract_params(config)))
-  graphdef, _ = state_lib.init_model(config)
+  graphdef, init = state_lib.init_model(config)
+  params = init if initial else jax.tree.map(
+      jnp.asarray, checkpoint.restore_ema(workdir, tasks.task_for(config).abstract_params(config)))
 
   @jax.jit
   def apply(params, x, t, tokens, mask):
@@ -120,8 +122,9 @@ def measure(args) -> dict:
   p, batch = ec_config.model.patch_size, ec_config.batch_size
   edges = edge_density(examples["image"], p)
   key = jax.random.key(args.seed)
-  result = {"t": list(T_VALUES), "num_examples": len(objects), "ec": {}, "ec_batch": {}}
+  result = {"t": list(T_VALUES), "num_examples": len(objects), "ec": {}, "ec_batch": {}, "ec_initial": {}}
   batched = load(args.ec_batch)[1] if args.ec_batch else None
+  _, initial = load(args.ec, initial=True)
   for k, t in enumerate(T_VALUES):
     noise = np.asarray(jax.random.normal(jax.random.fold_in(key, k), examples["image"].shape))
     dense_err, _ = run_model(dense, examples, t, noise, batch)
@@ -138,6 +141,13 @@ def measure(args) -> dict:
         continue
       r["dense_loss"].append(float(stats.spearmanr(c.ravel(), difficulty.ravel())[0]))
       r["edge_density"].append(float(stats.spearmanr(c.ravel(), edges.ravel())[0]))
+    _, counts = run_model(initial, examples, t, noise, batch)
+    c = sum(counts.values())
+    r = result["ec_initial"].setdefault("all", {})
+    for what, d in (("dense_loss", difficulty), ("edge_density", edges)):
+      rho, low, high = spearman_ci(c, d)
+      r.setdefault(what, []).append(rho)
+      r.setdefault(what + "_ci", []).append([low, high])
     if batched is not None:
       _, counts = run_model(batched, examples, t, noise, batch)
       counts["all"] = sum(counts.values())
@@ -167,6 +177,9 @@ def figure(result: dict, path: str) -> None:
   for i, (layer, r) in enumerate(result["ec"].items()):
     ax1.plot(t, r["dense_loss"], color=f"C{i}", marker="o", label=f"{layer}: dense model's loss")
     ax1.plot(t, r["edge_density"], color=f"C{i}", marker="x", linestyle="--", label=f"{layer}: edge density")
+  for what, marker in (("dense_loss", "o"), ("edge_density", "x")):
+    ax1.plot(t, result["ec_initial"]["all"][what], color="0.6", marker=marker, linestyle=":",
+             label=f"all, initial weights (control): {what.replace('_', ' ')}")
   ax1.axhline(0, color="k", linewidth=0.5)
   ax1.set_xlabel("t (1 = pure noise)")
   ax1.set_ylabel("Spearman: experts per token vs difficulty")
@@ -188,9 +201,10 @@ def markdown(result: dict, figure_name: str) -> str:
   head = "| layer | vs | " + " | ".join(f"t={x:g}" for x in t) + " |"
   lines = [f"On {result['num_examples']} held-out examples with fixed noise; Spearman rank correlation over all "
            f"tokens between a token's number of experts and its difficulty (\"all\": summed over the MoE layers, "
-           f"with a 95% bootstrap interval over images).", "", head,
+           f"with a 95% bootstrap interval over images). The control row is the same expert-choice model at its "
+           f"initial weights (before any training): what routing by token statistics alone gives.", "", head,
            "|---|---|" + "---|" * len(t)]
-  for layer, r in result["ec"].items():
+  for layer, r in [*result["ec"].items(), ("all, initial weights (control)", result["ec_initial"]["all"])]:
     for what in ("dense_loss", "edge_density"):
       lines.append(f"| {layer} | {what.replace('_', ' ')} | " + " | ".join(
           f"{v:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
