@@ -224,7 +224,7 @@ def markdown(result: dict, figure_name: str) -> str:
     for what in ("dense_loss", "edge_density"):
       lines.append(f"| tokens: Spearman vs {what.replace('_', ' ')} | "
                    + " | ".join(f"{v:+.2f}" for v in tok[what]) + " |")
-  lines += ["", f"![Adaptive compute]({figure_name})", "", f"Runs: {result['runs']}"]
+  lines += ["", f"![Adaptive compute]({figure_name})", "", "Runs: " + ", ".join(f"{k} = {os.path.basename(v.rstrip('/'))}" for k, v in result["runs"].items() if v)]
   return "\n".join(lines) + "\n"
 
 
