@@ -195,22 +195,46 @@ def _curves(ax, cells, wall_clock: bool):
   ax.legend(fontsize=8)
 
 
+def _differences(ax, cells, reference: str):
+  """Each variant's held-out loss minus the reference's of the same seed, against steps: mean over seeds, band
+  min..max. The curves of the first panels differ by less than their line width; this is where they part."""
+  ref = {c["seed"]: np.array(c["heldout"]) for c in cells if c["variant"] == reference}
+  for i, v in enumerate(dict.fromkeys(c["variant"] for c in cells)):
+    pairs = [(np.array(c["heldout"]), ref[c["seed"]]) for c in cells if c["variant"] == v and c["seed"] in ref]
+    if v == reference or not pairs:
+      continue
+    n = min(min(len(a), len(b)) for a, b in pairs)
+    d = np.stack([a[:n, 1] - b[:n, 1] for a, b in pairs])
+    ax.plot(pairs[0][0][:n, 0], d.mean(0), color=f"C{i}", label=f"{v} - {reference} ({len(pairs)} seed{'s' if len(pairs) > 1 else ''})")
+    ax.fill_between(pairs[0][0][:n, 0], d.min(0), d.max(0), color=f"C{i}", alpha=0.2)
+  ax.axhline(0, color="k", linewidth=0.5)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"held-out loss minus {reference}'s, same seed")
+
+
 def figure(cells: list[dict], path: str) -> None:
   routers = [c for c in cells if c["study"] == "routers"]
   capacity = [c for c in cells if c["study"] == "capacity"]
-  fig = Figure(figsize=(15, 4), layout="constrained")
+  fig = Figure(figsize=(20, 4), layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, 3, sharey=True)
+  axes = fig.subplots(1, 4)
+  axes[1].sharey(axes[0])
+  axes[3].sharey(axes[0])
   if routers:
     _curves(axes[0], routers, False)
     _curves(axes[1], routers, True)
     axes[1].axvline(routers[0]["wall_clock_budget_seconds"], color="k", linestyle=":", linewidth=1)
+    _differences(axes[2], routers, "dense")
   if capacity:
-    _curves(axes[2], capacity, False)
+    _curves(axes[3], capacity, False)
+  else:
+    axes[3].text(0.5, 0.5, "capacity study: no finished cell yet", ha="center", transform=axes[3].transAxes)
   axes[0].set_ylabel("held-out loss (EMA weights)")
   axes[0].set_xlabel("training step")
   axes[1].set_xlabel("wall clock (s): steps x interleaved step time; dotted: W")
-  axes[2].set_xlabel("training step (capacity factor, half budget)")
+  axes[3].set_xlabel("training step (capacity factor, half budget)")
   fig.suptitle("Router comparison, tiny ShapesWorld: held-out loss (mean over seeds, band = min..max)", fontsize=10)
   fig.savefig(path, dpi=110, format="png")
 
