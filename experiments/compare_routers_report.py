@@ -205,7 +205,8 @@ def _differences(ax, cells, reference: str):
       continue
     n = min(min(len(a), len(b)) for a, b in pairs)
     d = np.stack([a[:n, 1] - b[:n, 1] for a, b in pairs])
-    ax.plot(pairs[0][0][:n, 0], d.mean(0), color=f"C{i}", label=f"{v} - {reference} ({len(pairs)} seed{'s' if len(pairs) > 1 else ''})")
+    seeds = f"{len(pairs)} seed{'s' if len(pairs) > 1 else ''}"
+    ax.plot(pairs[0][0][:n, 0], d.mean(0), color=f"C{i}", label=f"{v} - {reference} ({seeds})")
     ax.fill_between(pairs[0][0][:n, 0], d.min(0), d.max(0), color=f"C{i}", alpha=0.2)
   ax.axhline(0, color="k", linewidth=0.5)
   ax.grid(alpha=0.3)
