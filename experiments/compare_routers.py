@@ -35,7 +35,7 @@ Unattended and resumable: kill it at any time and rerun the same command; traini
 from its checkpoints, finished cells and scores are cached.
 
   nohup nice -n 19 python experiments/compare_routers.py --out /work/runs32 > /work/runs32/log.txt 2>&1 &
-  python experiments/compare_routers.py --out /work/runs32 --report_only          # docs from finished cells
+  python experiments/compare_routers.py --out /work/runs32 --report_only --readme README.md   # docs + README
   python experiments/compare_routers.py --out /tmp/cr --steps 40 --seeds 0 --per_task 1 --images_per_prompt 1 \
       --heldout_every 20 --checkpoints 2 --timing_rounds 1 --timing_steps 2 --docs /tmp/cr   # smoke test
 """
@@ -245,6 +245,8 @@ def parse_args(argv=None):
   parser.add_argument("--only", default="", help="comma-separated cell names (e.g. ec_batch_s0,tc_cap2_s0) to run "
                       "only those, e.g. in a second process beside the first; '' = all")
   parser.add_argument("--report_only", action="store_true", help="only rewrite the report from finished cells")
+  parser.add_argument("--readme", default="", help="with --report_only: also rewrite this README's verdict table "
+                      "(between <!-- router_verdicts:start --> and <!-- router_verdicts:end -->)")
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(",") if s]
   args.variants = [v for v in args.variants.split(",") if v] + (["dit_moe"] if args.with_dit_moe else [])
@@ -276,7 +278,7 @@ def main(argv=None):
       run_cell(cell, args, times)
       report.write(args.out, args.docs)
       print(f"== cell {cell['name']} done ({time.time() - start:.0f} s this session)", flush=True)
-  report.write(args.out, args.docs)
+  report.write(args.out, args.docs, args.readme if args.report_only else None)
 
 
 if __name__ == "__main__":

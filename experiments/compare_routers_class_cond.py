@@ -47,7 +47,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ec_dit import sharding, tasks
-from ec_dit.diffusion import class_labels as class_diffusion  # noqa: E402
 from ec_dit.data import shapes_world  # noqa: E402
 from ec_dit.training import optimizers, state as state_lib, step as step_lib  # noqa: E402
 from configs import dit_moe as dit_moe_configs  # noqa: E402

@@ -159,6 +159,47 @@ def _comparison_lines(rows):
   return lines
 
 
+README_PAIRINGS = (("ec", "dense", "EC vs dense"), ("ec", "tc", "EC vs token choice (dropless)"),
+                   ("ec", "tc_cap2", "EC vs token choice (capacity 2)"),
+                   ("ec_batch", "ec", "EC with batch groups vs per-image groups"))
+README_START, README_END = "<!-- router_verdicts:start -->", "<!-- router_verdicts:end -->"
+
+
+def readme_table(cells: list[dict], seeds_wanted: int = 3) -> str:
+  """The README's verdict per pairing: A - B, mean over seeds with its 95% interval, for the held-out loss at
+  equal steps and equal wall clock and the GenEval-style score; a verdict per metric."""
+  routers = [c for c in cells if c["study"] == "routers"]
+  lines = ["| pairing (A vs B) | seeds | held-out loss A - B, equal steps | equal wall clock | "
+           "GenEval-style A - B (points) |", "|---|---|---|---|---|"]
+  for a, b, label in README_PAIRINGS:
+    rows = {r["metric"]: r for r in comparisons(routers, [(a, b)], (METRICS[0], METRICS[1], METRICS[2]))}
+    if not rows:
+      lines.append(f"| {label} | 0 of {seeds_wanted} | no seed finished yet | | |")
+      continue
+    cellsof = []
+    for key in ("heldout_equal_steps", "heldout_equal_wall_clock", "score_equal_steps"):
+      r = rows[key]
+      scale, digits = (100.0, 1) if key.startswith("score") else (1.0, 5)
+      ci = "" if math.isnan(r["low"]) else f" [{_num(r['low'], scale, digits)}, {_num(r['high'], scale, digits)}]"
+      cellsof.append(f"{'+' if r['mean'] >= 0 else ''}{_num(r['mean'], scale, digits)}{ci}: "
+                     f"**{'A ' + r['verdict'] if r['verdict'] != 'not resolved' else 'not resolved'}**")
+    n = len(rows["heldout_equal_steps"]["seeds"])
+    lines.append(f"| {label} | {n} of {seeds_wanted} | " + " | ".join(cellsof) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def replace_readme_table(path: str, cells: list[dict]) -> None:
+  """Rewrites the part of `path` between README_START and README_END with `readme_table`."""
+  with open(path) as f:
+    text = f.read()
+  if README_START not in text or README_END not in text:
+    raise SystemExit(f"{path}: no {README_START} ... {README_END} section to replace")
+  head, rest = text.split(README_START, 1)
+  new = head + README_START + "\n" + readme_table(cells) + README_END + rest.split(README_END, 1)[1]
+  with open(path, "w") as f:
+    f.write(new)
+
+
 def markdown(cells: list[dict]) -> str:
   routers = [c for c in cells if c["study"] == "routers"]
   capacity = [c for c in cells if c["study"] == "capacity"]
@@ -240,11 +281,14 @@ def figure(cells: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110, format="png")
 
 
-def write(out: str, docs: str | None) -> list[dict]:
-  """Rewrites compare_routers.{jsonl,md,png} in `out` (and `docs`) from the finished cells; returns the cells."""
+def write(out: str, docs: str | None, readme: str | None = None) -> list[dict]:
+  """Rewrites compare_routers.{jsonl,md,png} in `out` (and `docs`) from the finished cells, and with `readme`
+  that file's verdict table; returns the cells."""
   cells = load_cells(out)
   if not cells:
     return cells
+  if readme:
+    replace_readme_table(readme, cells)
   for folder in dict.fromkeys(f for f in (out, docs) if f):
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, STEM)
