@@ -252,6 +252,8 @@ def parse_args(argv=None):
   args.variants = [v for v in args.variants.split(",") if v] + (["dit_moe"] if args.with_dit_moe else [])
   args.capacity = [v for v in args.capacity.split(",") if v]
   args.only = [c for c in args.only.split(",") if c]
+  if args.readme and not args.report_only:
+    parser.error("--readme goes with --report_only (a study process never edits the README)")
   unknown = (set(args.variants) - set(ROUTER_VARIANTS)) | (set(args.capacity) - set(CAPACITY_VARIANTS))
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {ROUTER_VARIANTS} and {tuple(CAPACITY_VARIANTS)}")
@@ -262,13 +264,13 @@ def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   if not args.report_only:
-    times = measure_step_times(args, args.variants, "step_times")
-    if args.capacity:
-      times.update(measure_step_times(args, args.capacity, "step_times_capacity"))
     selected = cells(args)
     unknown = set(args.only) - {c["name"] for c in selected}
     if unknown:
       raise SystemExit(f"--only: no cells {sorted(unknown)} in this study; its cells: {[c['name'] for c in selected]}")
+    times = measure_step_times(args, args.variants, "step_times")
+    if args.capacity:
+      times.update(measure_step_times(args, args.capacity, "step_times_capacity"))
     for k, cell in enumerate(selected):
       if args.max_cells and k >= args.max_cells:
         break
