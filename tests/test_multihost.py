@@ -2,14 +2,15 @@
 
 Both processes run `python -m ec_dit.main --mode=train` with --coordinator_address,
 --num_processes and --process_id (gloo collectives), each reading only its shard of
-the data. They train, checkpoint, stop, and a second launch resumes. The same
-two runs in one process with 8 devices give the same losses; there the first run
-uses mesh (8, 1, 1, 1) and the second restores its checkpoint onto (1, 2, 2, 2):
-a checkpoint restores onto a different mesh shape and training continues with
-equal losses.
+the data. The same run in one process with 8 devices gives the same losses; there
+the steps after the second-to-last checkpoint run again on another mesh, (1, 2, 2, 2)
+instead of (8, 1, 1, 1): a checkpoint restores onto a different mesh shape and
+training continues with equal losses. A SIGTERM to one of the two processes stops
+both at the same step, and a second launch resumes bit for bit.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,18 +78,18 @@ def _single_process_config(num_train_steps, mesh):
 
 def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh(tmp_path, capsys):
   multi, single = tmp_path / "multi", tmp_path / "single"
-  outputs = _launch_two_processes(multi, 4)  # steps 1-4, checkpoints at 2 and 4, then stop
-  assert sorted(read_losses(multi)) == [1, 2, 3, 4]
-  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  outputs = _launch_two_processes(multi, 6)  # checkpoints at 2, 4 and 6
+  assert sorted(read_losses(multi)) == list(range(1, 7))
+  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
   # only process 0 draws the progress bar (and writes logs)
   assert "train:" in outputs[0][1] and "train:" not in outputs[1][1]
-  outputs = _launch_two_processes(multi, 6)  # resumes from step 4
-  assert "resumed from step 4" in outputs[0][1]
 
-  loop.train(_single_process_config(4, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
-  loop.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # restored onto (1, 2, 2, 2)
+  loop.train(_single_process_config(6, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
+  shutil.rmtree(single / "checkpoints" / "6")  # as if stopped after step 4: steps 5 and 6 run again...
+  capsys.readouterr()
+  loop.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # ...restored onto (1, 2, 2, 2)
   assert "resumed from step 4" in capsys.readouterr().err
-  expected, got = read_losses(single), read_losses(multi)
+  expected, got = read_losses(single), read_losses(multi)  # the last line of a step wins: 5 and 6 on (1, 2, 2, 2)
   assert sorted(got) == sorted(expected) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5)
 
@@ -96,7 +97,9 @@ def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_exact(tmp_path):
   """Item 9 of issue 16: each process catches its own signals; the loop agrees on stopping every step."""
   ref, run = tmp_path / "ref", tmp_path / "run"
-  steps, cadence = 30, {"checkpoint_every_steps": 1000}  # the only checkpoint is the one SIGTERM asks for
+  steps = 30
+  # the only checkpoint is the one SIGTERM asks for; no held-out loss (the first test runs it on two processes)
+  cadence = {"checkpoint_every_steps": 1000, "heldout.every_steps": 0}
   _launch_two_processes(ref, steps, **cadence)
   logs = [open(tmp_path / f"p{i}.txt", "w+") for i in range(2)]
   procs = _start_two_processes(run, steps, stderr=logs, **cadence)
