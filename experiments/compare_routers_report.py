@@ -140,8 +140,8 @@ def _variant_rows(cells, study):
       vals = [m[key] for m in ms if m.get(key) is not None]
       if not vals:
         return "-"
-      sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-      return f"{scale * statistics.fmean(vals):.{digits}f} ± {scale * sd:.{digits}f}"
+      mean = f"{scale * statistics.fmean(vals):.{digits}f}"
+      return f"{mean} ± {scale * statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else mean  # no sd of one
     out.append(f"| {v} | {','.join(str(c['seed']) for c in cs)} | {cs[0]['steps']} | "
                f"{1 / cs[0]['seconds_per_step']:.2f} | {mean_sd('heldout_equal_steps')} | "
                + (f"{mean_sd('heldout_equal_wall_clock')} | {mean_sd('score_equal_steps', 100, 1)} | "
