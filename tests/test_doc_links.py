@@ -1,6 +1,7 @@
 """Every relative link in the README and docs/ points at a file that exists and, for a Markdown file, at a
 heading it has (GitHub's anchors): a moved section or renamed file breaks this test, not a reader's click."""
 
+import functools
 import re
 
 from helpers import REPO
@@ -14,14 +15,15 @@ def github_anchor(heading: str) -> str:
   return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def anchors(path) -> set[str]:
+@functools.cache  # a file is linked many times
+def anchors(path) -> frozenset[str]:
   """The anchors of a Markdown file's headings; a repeated heading gets -1, -2, ... as on GitHub."""
   out, seen = set(), {}
   for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCED.sub("", path.read_text()), flags=re.M):
     a = github_anchor(heading)
     out.add(f"{a}-{seen[a]}" if a in seen else a)
     seen[a] = seen.get(a, 0) + 1
-  return out
+  return frozenset(out)
 
 
 def broken_links(markdown_files) -> list[tuple[str, str, str]]:
