@@ -1,6 +1,13 @@
-"""Test set-up: 8 forced host devices so mesh tests run on a CPU, and one JAX compilation cache per test run.
+"""Test set-up: 8 forced host devices so mesh tests run on a CPU, fast compiles, and one JAX compilation cache per run.
 
 This must run before jax initialises its backends, which is why it lives here.
+
+Fast compiles: the tests' programs are small and run for a few steps, so most of the suite's time is
+XLA:CPU compiling them. `--xla_backend_optimization_level=0` skips LLVM's optimisation of the compiled
+kernels (XLA's own graph passes still run, and matmuls still call the same library kernels): measured
+on the tests' micro model, 30% less time for a 3-step run and still 10% less for 200 steps. Values can
+differ from an optimised build in the last bits; every test compares programs built the same way, or
+with a tolerance. Set XLA_FLAGS yourself to test with other flags.
 
 The compilation cache: many tests build the same small programs again (every `loop.train` call
 makes and compiles its train step anew, and the subprocesses that the CLI, signal and multi-host
@@ -14,7 +21,7 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _OWN_CACHE = None

@@ -6,15 +6,40 @@ unit test sees.
 """
 
 import json
+import os
 import pathlib
+import re
 import shutil
+import socket
 
+import jax
 import numpy as np
 
 from ec_dit import configs
 from micro_config import get_config as base_test_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+  """A free localhost port for a test's coordinator (multi-process runs)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def perturbed(params, scale: float = 0.05, seed: int = 1):
+  """`params` (a pytree of arrays) plus Gaussian noise of std `scale`, as host arrays: lifts the zero-initialised
+  adaLN and output layers so that every path of a fresh model carries signal."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: np.asarray(p) + scale * rng.standard_normal(np.shape(p)).astype(np.asarray(p).dtype),
+                      params)
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test's subprocess with `devices` host devices and the suite's other flags (conftest.py)."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return f"--xla_force_host_platform_device_count={devices} {flags}".strip()
 
 
 def load_config(name: str, variant: str | None = None, path=None):

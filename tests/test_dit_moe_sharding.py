@@ -9,7 +9,6 @@ train step, compiled at XLA's backend optimisation level 0.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +17,7 @@ from ec_dit import sharding, tasks
 from ec_dit.data import pipeline as data_pipeline
 from ec_dit.training import optimizers, state as state_lib, step as step_lib
 from dit_moe_fixtures import prepare_class_latents, tiny_config
+from helpers import perturbed
 
 MESHES = [(1, 1, 8, 1)]  # expert parallelism over all 8 devices (the batch too, by the `batch` rule)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -77,14 +77,13 @@ def test_training_from_prepared_latents_with_labels_with_expert_parallelism_equa
 
 
 def _check_expert_parallel_equals_one_device(kind, make_batch):
-  """The existing assertions, for the batch `make_batch(rng)` (called after the parameters are perturbed)."""
+  """The existing assertions, for the batch `make_batch(rng)`."""
   ref_config = _config(kind)
   tx = optimizers.make_optimizer(ref_config)
   one = sharding.make_mesh(ref_config.mesh, jax.devices()[:1])
   state, _ = state_lib.init_state(ref_config, tx, state_lib.abstract_state(ref_config, tx, one))
-  leaves, treedef = jax.tree.flatten(jax.device_get(state["params"]))
-  rng = np.random.default_rng(1)  # perturb the zero-initialised adaLN and output layers: every path carries signal
-  params = treedef.unflatten([p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype) for p in leaves])
+  params = perturbed(jax.device_get(state["params"]))
+  rng = np.random.default_rng(2)
   host_state = {"step": np.zeros((), np.int32), "params": params, "opt_state": jax.device_get(tx.init(params))}
   host_ema = jax.tree.map(np.copy, params)
   batch = make_batch(rng)

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from ec_dit import schema, tasks
 from ec_dit.data import latents, sources
 from ec_dit.prepare import dataset, writer
 from ec_dit.training import loop
-from helpers import REPO, assert_resumes_bitwise, load_config, set_fields
+from helpers import REPO, assert_resumes_bitwise, free_port, load_config, set_fields, xla_flags
 from latent_fixtures import write_image_folder, write_t5, write_vae
 
 CONFIG = REPO / "tests" / "latent_config.py"
@@ -122,16 +121,10 @@ def test_train_from_latents_resumes_bitwise_then_samples(prepared, assets, tmp_p
     assert [json.loads(x) for x in written] == [json.loads(x) for x in OFFICIAL.read_text().splitlines()]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_prepare_with_two_processes_gives_the_same_examples(prepared, assets, tmp_path):
-  out, port = tmp_path / "two", _free_port()
+  out, port = tmp_path / "two", free_port()
   # no compilation cache (tests/conftest.py sets one): both processes compile, so they reach collectives together
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu",
              JAX_ENABLE_COMPILATION_CACHE="false")
   procs = [subprocess.Popen(_prepare_cmd(assets, out, f"--coordinator_address=localhost:{port}",
                                          "--num_processes=2", f"--process_id={i}"),

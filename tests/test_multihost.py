@@ -6,21 +6,24 @@ the data. The same run in one process with 8 devices gives the same losses; ther
 the steps after the second-to-last checkpoint run again on another mesh, (1, 2, 2, 2)
 instead of (8, 1, 1, 1): a checkpoint restores onto a different mesh shape and
 training continues with equal losses. A SIGTERM to one of the two processes stops
-both at the same step, and a second launch resumes bit for bit.
+both at the same step, and a second launch resumes bit for bit. One uninterrupted two-process
+run (a module fixture: each launch compiles anew, so launches are what these tests cost) is the
+reference of both tests.
 """
 
+import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 
 from ec_dit.training import loop
-from helpers import REPO, read_losses, train_config
+from helpers import REPO, free_port, read_losses, train_config, xla_flags
 
 MESH = dict(data=2, fsdp=2, expert=2, tensor=1)  # data spans the two processes
 OVERRIDES = {
@@ -29,22 +32,16 @@ OVERRIDES = {
     "text.depth": 1, "text.num_heads": 2, "text.vocab_size": 512,
     "input.image_size": 16, "input.read_threads": 0,
     "batch_size": 8, "warmup_steps": 2, "learning_rate": 1e-3, "log_every_steps": 1,
-    "checkpoint_every_steps": 2, "eval_every_steps": 0, "heldout.num_examples": 8,
+    "checkpoint_every_steps": 8, "eval_every_steps": 0, "heldout.num_examples": 8,
     **{f"mesh.{k}": v for k, v in MESH.items()},
 }
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _start_two_processes(workdir, num_train_steps, stderr=(subprocess.PIPE, subprocess.PIPE), **overrides):
-  port = _free_port()
+  port = free_port()
   # No compilation cache (tests/conftest.py sets one): a process that finds its program there reaches the
   # first collective while the other still compiles, and gloo gives up waiting after 30 s on a busy machine.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO), JAX_ENABLE_COMPILATION_CACHE="false")
   flags = [f"--config.{k}={v}" for k, v in dict(OVERRIDES, num_train_steps=num_train_steps, **overrides).items()]
   return [subprocess.Popen(
@@ -69,38 +66,48 @@ def _launch_two_processes(workdir, num_train_steps, **overrides):
   return outputs
 
 
+STEPS = 16  # checkpoints at 8 and 16; the held-out loss at 16
+
+
 def _single_process_config(num_train_steps, mesh):
-  config = train_config(batch_size=8, num_train_steps=num_train_steps)
+  config = train_config(batch_size=8, num_train_steps=num_train_steps, checkpoint_every_steps=8)
   config.model.ffn.num_experts = 8
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = mesh
   return config
 
 
-def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh(tmp_path, capsys):
-  multi, single = tmp_path / "multi", tmp_path / "single"
-  outputs = _launch_two_processes(multi, 6)  # checkpoints at 2, 4 and 6
-  assert sorted(read_losses(multi)) == list(range(1, 7))
-  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
-  # only process 0 draws the progress bar (and writes logs)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted two-process run of STEPS steps: (workdir, [(stdout, stderr) of each process])."""
+  workdir = tmp_path_factory.mktemp("multihost") / "reference"
+  return workdir, _launch_two_processes(workdir, STEPS)
+
+
+def test_two_processes_match_one_process_and_checkpoints_restore_on_another_mesh(reference, tmp_path, capsys):
+  multi, outputs = reference
+  single = tmp_path / "single"
+  assert sorted(read_losses(multi)) == list(range(1, STEPS + 1))
+  assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [8, 16]
+  # only process 0 draws the progress bar (and writes logs); the held-out loss ran on both
   assert "train:" in outputs[0][1] and "train:" not in outputs[1][1]
+  assert any("heldout/loss" in row for row in map(json.loads, open(multi / "metrics.jsonl")))
 
-  loop.train(_single_process_config(6, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
-  shutil.rmtree(single / "checkpoints" / "6")  # as if stopped after step 4: steps 5 and 6 run again...
+  loop.train(_single_process_config(STEPS, (8, 1, 1, 1)), str(single))  # checkpoints written on (8, 1, 1, 1)
+  shutil.rmtree(single / "checkpoints" / str(STEPS))  # as if stopped at 8: steps 9-16 run again...
   capsys.readouterr()
-  loop.train(_single_process_config(6, (1, 2, 2, 2)), str(single))  # ...restored onto (1, 2, 2, 2)
-  assert "resumed from step 4" in capsys.readouterr().err
-  expected, got = read_losses(single), read_losses(multi)  # the last line of a step wins: 5 and 6 on (1, 2, 2, 2)
-  assert sorted(got) == sorted(expected) == list(range(1, 7))
-  np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-5)
+  loop.train(_single_process_config(STEPS, (1, 2, 2, 2)), str(single))  # ...restored onto (1, 2, 2, 2)
+  assert "resumed from step 8" in capsys.readouterr().err
+  expected, got = read_losses(single), read_losses(multi)  # the last line of a step wins: 9-16 on (1, 2, 2, 2)
+  assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-5)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_exact(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_resume_is_exact(reference, tmp_path):
   """Item 9 of issue 16: each process catches its own signals; the loop agrees on stopping every step."""
-  ref, run = tmp_path / "ref", tmp_path / "run"
-  steps = 30
-  # the only checkpoint is the one SIGTERM asks for; no held-out loss (the first test runs it on two processes)
+  (ref, _), run, steps = reference, tmp_path / "run", STEPS
+  # the only checkpoint is the one SIGTERM asks for; no held-out loss (neither changes the losses)
   cadence = {"checkpoint_every_steps": 1000, "heldout.every_steps": 0}
-  _launch_two_processes(ref, steps, **cadence)
   logs = [open(tmp_path / f"p{i}.txt", "w+") for i in range(2)]
   procs = _start_two_processes(run, steps, stderr=logs, **cadence)
   try:

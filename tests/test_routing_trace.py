@@ -10,7 +10,7 @@ from flax import nnx
 from ec_dit import diffusion, model as model_lib
 from ec_dit.routing_maps import trace as routing_trace
 from ec_dit.inference import TextToImagePipeline
-from helpers import micro_config
+from helpers import micro_config, perturbed
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 
@@ -20,7 +20,8 @@ def _pipeline():
   _, params = nnx.split(model_lib.TextToImage(config, rngs=nnx.Rngs(0)), nnx.Param)
   # batch_size = len(PROMPTS): the pipeline's batch has the trace's shape (no padding), so the two programs
   # differ only by the recorded outputs and the images must agree bit for bit
-  return TextToImagePipeline(config, nnx.to_pure_dict(params), batch_size=len(PROMPTS))
+  # (perturbed: a fresh model's zero-initialised output layer would make every image flat grey)
+  return TextToImagePipeline(config, perturbed(nnx.to_pure_dict(params)), batch_size=len(PROMPTS))
 
 
 @pytest.mark.parametrize("sampler,scale,parallel", [("euler", 3.0, 1.0), ("heun", 1.0, 1.0),

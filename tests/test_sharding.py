@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from ec_dit import diffusion, sharding, tasks
 from ec_dit.tools import compile_report as aot
 from ec_dit.training import optimizers, state as state_lib, step as step_lib
-from helpers import train_config
+from helpers import perturbed, train_config
 
 # Every axis sharded in at least one mesh, each with another axis: (8, 1, 1, 1), pure data parallelism, runs in
 # tests/test_multihost.py; (2, 1, 2, 2) adds nothing that (2, 2, 2, 1) and (1, 2, 2, 2) do not check.
@@ -179,10 +179,7 @@ def test_sharded_forward_gradient_and_train_step_equal_single_device(variant):
   tx = optimizers.make_optimizer(config)
   one = _mesh(_config(variant, mesh=(1, 1, 1, 1)), 1)
   state, _ = state_lib.init_state(config, tx, state_lib.abstract_state(config, tx, one))
-  # perturb the zero-initialised adaLN / output layers so that every path carries signal
-  leaves, treedef = jax.tree.flatten(jax.device_get(state["params"]))
-  rng = np.random.default_rng(1)
-  params = treedef.unflatten([p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype) for p in leaves])
+  params = perturbed(jax.device_get(state["params"]))
   host_state = jax.device_get({"step": np.zeros((), np.int32), "params": params, "opt_state": tx.init(params)})
   host_ema = jax.tree.map(np.copy, params)
   batch = _batch(config)
