@@ -70,7 +70,8 @@ STEPS = 16  # checkpoints at 8 and 16; the held-out loss at 16
 
 
 def _single_process_config(num_train_steps, mesh):
-  config = train_config(batch_size=8, num_train_steps=num_train_steps, checkpoint_every_steps=8)
+  config = train_config(batch_size=8, num_train_steps=num_train_steps,
+                        checkpoint_every_steps=OVERRIDES["checkpoint_every_steps"])
   config.model.ffn.num_experts = 8
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = mesh
   return config
